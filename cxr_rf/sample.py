@@ -1,0 +1,166 @@
+"""Generate radiographs from a trained run.
+
+    python -m cxr_rf.sample --workdir DIR [--step N] --num 8 \
+        --findings "Cardiomegaly,Pleural Effusion" --sex F --age 70 --view PA \
+        --steps 28 --cfg 4.0 --seed 0 --out DIR
+
+Loads the EMA parameters of the run's checkpoint, writes one PNG per image, grid.png and
+manifest.jsonl. Image i uses noise from PRNGKey(seed + i), so the same arguments give the
+same pixels and an image does not depend on how many others were asked for.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from etils import epath
+from flax import linen as nn
+
+from cxr_rf import checkpoint, conditioning, flow, outputs
+from cxr_rf import step as step_lib
+from cxr_rf.conditioning import Conditions
+from cxr_rf.model import build_model
+
+# The fixed prompts of the periodic training grids: one per main finding, varied demographics.
+DEMO_CONDITIONS: tuple[Conditions, ...] = (
+    Conditions.parse("", sex="M", age=35, view="PA"),
+    Conditions.parse("Cardiomegaly", sex="F", age=75, view="PA"),
+    Conditions.parse("Pleural Effusion", sex="M", age=68, view="AP"),
+    Conditions.parse("Pneumothorax", sex="M", age=24, view="PA"),
+    Conditions.parse("Lung Lesion", sex="F", age=62, view="PA"),
+    Conditions.parse("Consolidation,Lung Opacity", sex="F", age=50, view="AP"),
+    Conditions.parse("Support Devices", sex="M", age=80, view="AP"),
+    Conditions.parse("Atelectasis", sex="F", age=45, view="PA"),
+)
+
+
+class Sampler:
+    """Samples a model with given parameters; the compiled sampler is cached per settings."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, model: nn.Module | None = None):
+        self.cfg = cfg
+        self.model = model or build_model(cfg)
+        self.resolution = cfg.data.resolution
+        self.report_len = cfg.data.report_len
+        self.shift = step_lib.train_shift(cfg)
+
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("steps", "method"))
+    def _generate(self, params, noise_NHWC, tokens_NL, guidance, *, steps: int, method: str):
+        uncond = jnp.broadcast_to(jnp.asarray(conditioning.null_tokens(self.report_len)),
+                                  tokens_NL.shape)
+        apply = lambda x, t, tok: self.model.apply({"params": params}, x, t, tok)
+        velocity = flow.guided_velocity_fn(apply, tokens_NL, uncond, guidance,
+                                           prediction=self.cfg.flow.prediction,
+                                           t_eps=self.cfg.flow.t_eps)
+        return flow.sample(velocity, noise_NHWC, steps=steps, method=method, shift=self.shift)
+
+    def generate(self, params, conditions: Sequence[Conditions], seeds: Sequence[int], *,
+                 steps: int | None = None, cfg_scale: float | None = None,
+                 method: str | None = None) -> np.ndarray:
+        """Images [N, R, R] in [-1, 1], one per (condition, seed) pair."""
+        if len(conditions) != len(seeds):
+            raise ValueError(f"need one seed per condition, got {len(seeds)} for {len(conditions)}")
+        s = self.cfg.sample
+        shape = (self.resolution, self.resolution, self.cfg.model.in_channels)
+        noise = jnp.stack([jax.random.normal(jax.random.PRNGKey(int(sd)), shape) for sd in seeds])
+        tokens = jnp.asarray(np.stack([c.tokens(report_len=self.report_len) for c in conditions]))
+        out = self._generate(params, noise, tokens, float(s.cfg if cfg_scale is None else cfg_scale),
+                             steps=int(steps or s.steps), method=method or s.method)
+        return np.asarray(jax.device_get(out))[..., 0]
+
+    def grid(self, params, path: str | epath.Path, step: int | None = None) -> np.ndarray:
+        """The labelled grid of DEMO_CONDITIONS (seed i for row i) written to ``path``."""
+        conds = DEMO_CONDITIONS[: self.cfg.sample.grid]
+        images = self.generate(params, conds, list(range(len(conds))))
+        path = epath.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = [c.label() for c in conds]
+        if step is not None:
+            labels[0] = f"step {step}: {labels[0]}"
+        with path.open("wb") as f:
+            outputs.grid(images, labels).save(f, format="PNG")
+        return images
+
+
+def load(workdir: str | epath.Path, step: int | None = None):
+    """(config, EMA params, checkpoint step) of a run directory."""
+    workdir = epath.Path(workdir)
+    if not workdir.exists():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{workdir} is not a cxr_rf run (no config.json); train first")
+    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    model = build_model(cfg)
+    tx = step_lib.make_optimizer(cfg)
+    init = functools.partial(step_lib.init_state, model, tx, resolution=cfg.data.resolution,
+                             num_tokens=conditioning.num_tokens(cfg.data.report_len),
+                             in_channels=cfg.model.in_channels)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
+        raise FileNotFoundError(f"{workdir} has no checkpoints yet; train first")
+    step, state = checkpoint.restore_params(ckpt_dir, abstract, step)
+    return cfg, model, state.ema_params, step
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_NUM = flags.DEFINE_integer("num", 8, "Number of images.")
+_FINDINGS = flags.DEFINE_string("findings", "", "Comma list of positive findings (Name or Name=state); "
+                                "unlisted ones are negative. Valid names: " + ", ".join(conditioning.FINDINGS))
+_SEX = flags.DEFINE_string("sex", "unknown", f"One of {conditioning.SEXES}.")
+_AGE = flags.DEFINE_float("age", None, "Age in years (default unknown).")
+_RACE = flags.DEFINE_string("race", "unknown", f"One of {conditioning.RACES}.")
+_VIEW = flags.DEFINE_string("view", "PA", f"One of {conditioning.VIEWS}.")
+_SOURCE = flags.DEFINE_string("source", "unknown", f"One of {conditioning.SOURCES}.")
+_STEPS = flags.DEFINE_integer("steps", 28, "ODE steps.")
+_CFG = flags.DEFINE_float("cfg", 4.0, "Classifier-free guidance scale (1 = none).")
+_METHOD = flags.DEFINE_enum("method", "euler", ["euler", "heun"], "ODE solver.")
+_SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
+_BITS = flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        if not _WORKDIR.value or not _OUT.value:
+            raise ValueError("--workdir and --out are required (see --help)")
+        if _NUM.value < 1 or _STEPS.value < 1:
+            raise ValueError(f"--num and --steps must be >= 1, got {_NUM.value} and {_STEPS.value}")
+        cond = Conditions.parse(_FINDINGS.value, sex=_SEX.value, age=_AGE.value, race=_RACE.value,
+                                view=_VIEW.value, source=_SOURCE.value)
+        cfg, model, params, step = load(_WORKDIR.value, _STEP.value)
+    except (ValueError, FileNotFoundError, checkpoint.RestoreError) as e:
+        sys.exit(f"error: {e}")
+    seeds = [_SEED.value + i for i in range(_NUM.value)]
+    images = Sampler(cfg, model).generate(params, [cond] * len(seeds), seeds, steps=_STEPS.value,
+                                          cfg_scale=_CFG.value, method=_METHOD.value)
+    out = epath.Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (seed, img) in enumerate(zip(seeds, images)):
+        name = f"{i:04d}.png"
+        outputs.write_png(out / name, img, bits=int(_BITS.value))
+        rows.append({"file": name, "seed": seed, "steps": _STEPS.value, "cfg": _CFG.value,
+                     "method": _METHOD.value, "checkpoint_step": step, "workdir": str(_WORKDIR.value),
+                     "conditions": cond.describe()})
+    with (out / "grid.png").open("wb") as f:
+        outputs.grid(list(images), [f"seed {s}: {cond.label()}" for s in seeds]).save(f, format="PNG")
+    outputs.write_manifest(out / "manifest.jsonl", rows)
+    print(f"wrote {len(images)} images, grid.png and manifest.jsonl to {out} (checkpoint step {step})")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,79 @@
+"""Mesh construction and the one table that maps logical axis names to mesh axes.
+
+Parameters and activations are annotated with logical names in the model (see
+``cxr_rf/model/layers.py``); ``RULES`` decides where each name lives on the mesh
+(``data``, ``fsdp``, ``tensor``). Change sharding strategy here, nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),         # FSDP: parameters sharded along their model dimension
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", None),
+    ("length", None),
+    ("layers", None),
+    ("patch", None),
+)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolve the configured axis sizes (one may be -1 = the rest) against the device count."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of logically-annotated (boxed) values or abstract values."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The global batch is split over (data, fsdp) on its leading axis."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated placement."""
+    return NamedSharding(mesh, P())
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+    """Fail before compiling when the batch does not split over the batch axes."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % n:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by data*fsdp = {n} of mesh {dict(mesh.shape)}")

@@ -1,0 +1,130 @@
+"""The train state and the pure, jittable train/eval steps (reused by train, bench and aot)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from flax import struct
+
+from cxr_rf import flow
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. A pytree; checkpointed whole."""
+    step: jax.Array          # int32 scalar
+    params: Any              # f32 master weights
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array           # base PRNG key; step keys are fold_in(rng, step), so resume is exact
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSettings:
+    """The flow knobs the step needs, as hashable static values."""
+    prediction: str = "v"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    shift: float = 1.0
+    t_eps: float = 0.05
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> "FlowSettings":
+        """Resolve the automatic (token-count) shift from the data resolution and patch size."""
+        f = cfg.flow
+        return cls(f.prediction, float(f.t_mean), float(f.t_std), train_shift(cfg), float(f.t_eps))
+
+
+def train_shift(cfg: ml_collections.ConfigDict, resolution: int | None = None) -> float:
+    """SD3 resolution shift: fixed when ``flow.shift`` > 0, else sqrt(tokens / base_tokens)."""
+    if cfg.flow.shift > 0:
+        return float(cfg.flow.shift)
+    res = resolution or cfg.data.resolution
+    tokens = (res // cfg.model.patch) ** 2
+    return max(1.0, flow.resolution_shift(tokens, cfg.flow.base_tokens))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or gains.
+    """
+    o = cfg.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * 0.01)
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+    )
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, step) -> jax.Array:
+    """The schedule value at ``step`` (for logging)."""
+    o = cfg.optim
+    return optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, o.warmup_steps, max(cfg.train.steps, o.warmup_steps + 1), o.lr * 0.01)(step)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+               resolution: int, num_tokens: int, in_channels: int = 1):
+    """A fresh TrainState, with params still boxed with their logical axis names.
+
+    Call through ``jax.eval_shape`` to get the abstract, logically annotated state; call
+    ``nn.unbox`` on the result before use.
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros((1, resolution, resolution, in_channels), jnp.float32)
+    tokens = jnp.zeros((1, num_tokens), jnp.int32)
+    params = model.init(init_rng, x, jnp.zeros((1,)), tokens)["params"]
+    opt_state = tx.init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=opt_state, rng=state_rng)
+
+
+def _apply_fn(model: nn.Module, params, tokens_BL) -> Callable:
+    return lambda x_t, t_B: model.apply({"params": params}, x_t, t_B, tokens_BL)
+
+
+def loss_fn(params, model: nn.Module, batch: dict, rng: jax.Array, fs: FlowSettings, t_B=None):
+    """Rectified-flow loss on one batch; returns (loss, aux)."""
+    return flow.rf_loss(_apply_fn(model, params, batch["tokens"]), batch["image"], rng,
+                        prediction=fs.prediction, t_mean=fs.t_mean, t_std=fs.t_std,
+                        shift=fs.shift, t_eps=fs.t_eps, t_B=t_B)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, fs: FlowSettings, ema_decay: float):
+    """One optimizer step: RF loss -> grads -> AdamW -> EMA. Pure; jit with static kwargs."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, model, batch, rng, fs)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                       state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params)}
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: nn.Module, fs: FlowSettings,
+              timesteps: tuple[float, ...], seed: int = 0) -> jax.Array:
+    """Validation loss at each fixed timestep (fixed noise), shape [len(timesteps)].
+
+    Fixed timesteps remove the sampling noise of t, so the curve is comparable across runs
+    and tracks sample quality (SD3, section 5).
+    """
+    b = batch["image"].shape[0]
+    rng = jax.random.PRNGKey(seed)
+    losses = [loss_fn(params, model, batch, rng, fs, t_B=jnp.full((b,), t, jnp.float32))[0]
+              for t in timesteps]
+    return jnp.stack(losses)

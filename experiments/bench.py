@@ -1,0 +1,16 @@
+"""The shared benchmark shape: 64×64 pixels, patch 4, width 384, depth 6, 6 heads,
+64 context tokens (19 structured + 45 report bytes), batch 8.
+
+    python -m cxr_rf.bench train --config experiments/bench.py
+"""
+from cxr_rf import config
+
+
+def get_config(arg=None):
+    del arg
+    c = config.base()
+    c.data.resolution = 64
+    c.data.report_len = 45
+    c.model.update(patch=4, width=384, depth=6, heads=6)
+    c.train.batch_size = 8
+    return c
