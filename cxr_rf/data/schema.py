@@ -1,0 +1,209 @@
+"""The one record every data source writes, and its on-disk (TFDS example) encoding.
+
+A ``Record`` is one radiograph with its harmonised metadata. ``to_bytes``/``from_bytes`` turn
+it into a serialized TFDS example of ``features()``. The image travels as a 16-bit grayscale
+PNG that we encode with PIL: ``tfds.features.Image`` would need TensorFlow to encode, and PNG
+is lossless, compact and readable by any tool.
+
+Categorical fields are stored as text, not class indices, so a dataset stays readable if the
+vocabulary in ``cxr_rf.conditioning`` grows or is reordered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cxr_rf import conditioning as cond
+
+# Fields stored as UTF-8 text, in a fixed order (also the order of Record's string fields).
+TEXT_FIELDS: tuple[str, ...] = (
+    "sex", "race", "view", "source", "site", "patient_id", "study_id", "report")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "sex": cond.SEXES, "race": cond.RACES, "view": cond.VIEWS, "source": cond.SOURCES}
+UNKNOWN_AGE = -1.0
+MAX_AGE = 150.0
+
+
+@dataclasses.dataclass
+class Record:
+    """One radiograph and its metadata; validated (and normalised) on construction.
+
+    image: uint16 [H, W] grayscale, higher = brighter (MONOCHROME2).
+    findings: int8 [14] state codes (see ``conditioning.STATES``) in ``conditioning.FINDINGS`` order.
+    age: years, ``-1.0`` when unknown.
+    site: acquisition site / institution tag, ``""`` when unknown.
+    patient_id, study_id: already hashed (see ``hash_id``); patient_id must be non-empty
+    because splits are made per patient.
+    """
+    image: np.ndarray
+    findings: np.ndarray
+    sex: str = "unknown"
+    age: float = UNKNOWN_AGE
+    race: str = "unknown"
+    view: str = "unknown"
+    source: str = "unknown"
+    site: str = ""
+    patient_id: str = ""
+    study_id: str = ""
+    report: str = ""
+
+    def __post_init__(self):
+        image = np.asarray(self.image)
+        if image.dtype != np.uint16 or image.ndim != 2 or min(image.shape) == 0:
+            raise ValueError(f"Record.image must be a non-empty uint16 [H, W] array, "
+                             f"got dtype {image.dtype} shape {image.shape}")
+        self.image = image
+        self.findings = _check_findings(self.findings)
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"Record.{name} must be one of {', '.join(allowed)}; got {value!r}")
+        try:
+            age = float(self.age)
+        except (TypeError, ValueError):
+            raise ValueError(f"Record.age must be a number of years or -1.0; got {self.age!r}") from None
+        if not (age == UNKNOWN_AGE or (math.isfinite(age) and 0.0 <= age < MAX_AGE)):
+            raise ValueError(f"Record.age must be in [0, {MAX_AGE:g}) years or -1.0 (unknown); got {age}")
+        self.age = age
+        for name in ("site", "patient_id", "study_id", "report"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"Record.{name} must be a str; got {type(getattr(self, name)).__name__}")
+        if not self.patient_id:
+            raise ValueError("Record.patient_id must be non-empty (splits are made per patient)")
+
+
+def _check_findings(findings: Any) -> np.ndarray:
+    arr = np.asarray(findings)
+    n = len(cond.FINDINGS)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"Record.findings must be {n} integer state codes; "
+                         f"got dtype {arr.dtype} shape {arr.shape}")
+    if arr.min() < 0 or arr.max() >= len(cond.STATES):
+        raise ValueError(f"Record.findings codes must be in 0..{len(cond.STATES) - 1} "
+                         f"({', '.join(cond.STATES)}); got {arr.tolist()}")
+    return arr.astype(np.int8)
+
+
+def hash_id(raw: str, salt: str) -> str:
+    """Salted SHA-256 of an identifier, as 16 hex characters (64 bits: collisions negligible)."""
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"hash_id needs a non-empty str identifier; got {raw!r}")
+    return hashlib.sha256(f"{salt}\x00{raw}".encode("utf-8")).hexdigest()[:16]
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The TFDS feature spec of one stored example."""
+    spec: dict[str, Any] = {
+        # PNG bytes: a scalar object tensor serialises as a bytes feature without TensorFlow.
+        "image_png": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "findings": tfds.features.Tensor(shape=(len(cond.FINDINGS),), dtype=np.int8),
+        "age": tfds.features.Scalar(dtype=np.float32),
+    }
+    spec.update({name: tfds.features.Text() for name in TEXT_FIELDS})
+    return tfds.features.FeaturesDict(spec)
+
+
+def encode_image(image: np.ndarray) -> bytes:
+    """Lossless 16-bit grayscale PNG of a uint16 [H, W] array."""
+    image = np.asarray(image)
+    if image.dtype != np.uint16 or image.ndim != 2:
+        raise ValueError(f"encode_image needs uint16 [H, W]; got dtype {image.dtype} shape {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")  # mode I;16
+    return buf.getvalue()
+
+
+def decode_image(png_bytes: bytes) -> np.ndarray:
+    """PNG bytes -> uint16 [H, W]. 8-bit grayscale is widened (x257) so white stays white."""
+    with Image.open(io.BytesIO(png_bytes)) as im:
+        mode = im.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im)
+            # Some Pillow versions open 16-bit PNGs as 32-bit "I"; values still fit in uint16.
+            if arr.dtype != np.uint16:
+                if arr.min() < 0 or arr.max() > 65535:
+                    raise ValueError(f"decode_image: {mode} PNG values outside 0..65535")
+                arr = arr.astype(np.uint16)
+            return arr
+        if mode not in ("L", "LA", "RGB", "RGBA", "P", "1"):
+            raise ValueError(f"decode_image: unsupported PNG mode {mode!r}")
+        return np.asarray(im.convert("L"), np.uint16) * np.uint16(257)
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """uint16 [H, W] -> uint16 [R, R]: centre-crop to a square, then Lanczos resize.
+
+    Cropping (not squashing) keeps anatomy undistorted. PIL resizes in float ("F" mode)
+    because its 16-bit integer mode does not support every filter; Lanczos in PIL is
+    antialiased, so large downsamples do not alias.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint16 or image.ndim != 2:
+        raise ValueError(f"resize_image needs uint16 [H, W]; got dtype {image.dtype} shape {image.shape}")
+    if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive int; got {resolution!r}")
+    h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top:top + side, left:left + side]
+    if side == resolution:
+        return np.ascontiguousarray(square)
+    img = Image.fromarray(square.astype(np.float32))  # mode "F"
+    out = np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS))
+    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
+
+
+def to_example(record: Record) -> dict[str, Any]:
+    """The feature dict (as ``features()`` expects it) of one record."""
+    ex: dict[str, Any] = {
+        "image_png": encode_image(record.image),
+        "findings": record.findings,
+        "age": np.float32(record.age),
+    }
+    ex.update({name: getattr(record, name) for name in TEXT_FIELDS})
+    return ex
+
+
+def to_bytes(record: Record, feats: tfds.features.FeaturesDict | None = None) -> bytes:
+    """Serialized TFDS example of one record (pass ``feats`` to skip rebuilding the spec)."""
+    return (feats or features()).serialize_example(to_example(record))
+
+
+def from_example(example: Mapping[str, Any], *, decode: bool = True) -> dict[str, Any]:
+    """A deserialized example (e.g. from ``builder.as_data_source``) -> numpy fields.
+
+    Text fields become ``str``. With ``decode`` the PNG becomes ``image`` (uint16 [H, W]);
+    otherwise ``image_png`` stays bytes.
+    """
+    missing = [k for k in ("image_png", "findings", "age", *TEXT_FIELDS) if k not in example]
+    if missing:
+        raise ValueError(f"example lacks fields {missing}; is this a cxr_rf dataset?")
+    out: dict[str, Any] = {
+        "findings": np.asarray(example["findings"], np.int8),
+        "age": float(example["age"]),
+    }
+    for name in TEXT_FIELDS:
+        v = example[name]
+        out[name] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    if decode:
+        out["image"] = decode_image(example["image_png"])
+    else:
+        out["image_png"] = bytes(example["image_png"])
+    return out
+
+
+def from_bytes(data: bytes, feats: tfds.features.FeaturesDict | None = None) -> dict[str, Any]:
+    """Serialized example -> dict of numpy fields with the image decoded (inverse of to_bytes)."""
+    return from_example((feats or features()).deserialize_example_np(data))
+
+
+def to_record(fields: Mapping[str, Any]) -> Record:
+    """A decoded field dict (from ``from_bytes``) -> a validated Record."""
+    return Record(**{f.name: fields[f.name] for f in dataclasses.fields(Record)})
