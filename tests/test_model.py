@@ -1,0 +1,285 @@
+"""MMDiT: zero init, conditioning paths, scan == loop, remat == none, analytic counts."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import importlib.util
+import inspect
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_rf import conditioning
+from cxr_rf.model import (MMDiT, ModelConfig, abstract_params, approx_param_count, build_model,
+                          flops_per_image, init_params, param_count)
+from cxr_rf.model import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 16
+# depth 3 -> two scanned blocks + the context_pre_only block; report bytes exercise the
+# attention-only context path.
+TINY = ModelConfig(patch=4, width=32, depth=3, heads=2, report_len=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(mcfg: ModelConfig):
+    return jax.jit(MMDiT(mcfg).apply)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(mcfg: ModelConfig):
+    """Unboxed params at init, plus a perturbed copy with every leaf nonzero-random."""
+    params = nn.meta.unbox(jax.jit(lambda r: init_params(MMDiT(mcfg), r, RES))(jax.random.key(0)))
+    rng = np.random.default_rng(1)
+    # Zero-init modulation/final layers would hide t and context; perturb everything. (numpy
+    # noise: an eager jax.random call per leaf shape would compile dozens of tiny programs.)
+    noisy = jax.tree.map(lambda a: jnp.asarray(
+        np.asarray(a, np.float32) + 0.1 * rng.standard_normal(a.shape), a.dtype), params)
+    return params, noisy
+
+
+def _inputs(mcfg: ModelConfig, res: int | tuple[int, int] = RES, batch: int = 4):
+    """Fixed inputs; one batch size everywhere so jitted applies are shared between tests."""
+    h, w = (res, res) if isinstance(res, int) else res
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (batch, h, w, mcfg.in_channels)), jnp.float32)
+    t = jnp.linspace(0.2, 0.8, batch).astype(jnp.float32)
+    row = conditioning.Conditions.parse("Cardiomegaly", sex="F", age=70, view="PA").tokens(
+        "cardiomegaly", mcfg.report_len)
+    tok = jnp.asarray(np.stack([row] * batch), jnp.int32)
+    return x, t, tok
+
+
+def _trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_zero_at_init_then_depends_on_t_and_tokens():
+    params, noisy = _init(TINY)
+    x, t, tok = _inputs(TINY)
+    out = _apply(TINY)({"params": params}, x, t, tok)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert float(jnp.abs(out).max()) == 0.0  # zero-init final projection
+
+    # rows: reference, other t, other structured token (pooled + attention), other report byte
+    # (attention only: report bytes are not pooled, so this checks the joint attention path).
+    x = jnp.broadcast_to(x[:1], x.shape)
+    t = jnp.asarray([0.3, 0.7, 0.3, 0.3], jnp.float32)
+    sex = conditioning.group_slices(TINY.report_len)["sex"].start
+    tok = np.array(tok)
+    tok[2, sex] += 1
+    tok[3, conditioning.NUM_STRUCTURED] += 1
+    out = np.asarray(_apply(TINY)({"params": noisy}, x, t, jnp.asarray(tok)))
+    assert np.abs(out[0]).max() > 0
+    for i in (1, 2, 3):
+        assert np.abs(out[i] - out[0]).max() > 1e-4, f"row {i} did not change the output"
+
+
+def test_context_pre_only_last_block_has_no_context_outputs():
+    params, _ = _init(TINY)
+    last = params["last_block"]
+    assert not {"ctx_q", "ctx_out", "ctx_mlp"} & set(last)
+    assert {"ctx_k", "ctx_v", "x_q", "x_out", "x_mlp"} <= set(last)
+    assert last["ctx_mod"]["proj"]["kernel"].shape == (TINY.width, 2 * TINY.width)
+    assert params["blocks"]["ctx_mod"]["proj"]["kernel"].shape == (
+        TINY.depth - 1, TINY.width, 6 * TINY.width)
+
+
+def test_scanned_equals_unrolled():
+    _, noisy = _init(TINY)
+    loop = dataclasses.replace(TINY, scan=False)
+    unrolled = {k: v for k, v in noisy.items() if k != "blocks"}
+    for i in range(TINY.depth - 1):
+        unrolled[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], noisy["blocks"])
+    # Same tree as the loop model's own init.
+    shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(abstract_params(MMDiT(loop), RES)))
+    assert jax.tree.map(lambda a: a.shape, unrolled) == shapes
+    x, t, tok = _inputs(TINY)
+    np.testing.assert_allclose(_apply(loop)({"params": unrolled}, x, t, tok),
+                               _apply(TINY)({"params": noisy}, x, t, tok), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth,policies", [
+    # depth 2: the scanned block (production path, prevent_cse=False) + the last block.
+    (2, ("full",)),
+    # depth 1: only the (unscanned) context_pre_only block; every policy, at a third of the
+    # compile cost of a scanned model (CPU compile time dominates this file).
+    (1, ("full", "dots", "dots_no_batch", "save_attn")),
+])
+def test_remat_policies_match_no_remat(depth, policies):
+    mcfg = dataclasses.replace(TINY, depth=depth)
+    rng = np.random.default_rng(2)
+    noisy = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype),
+                         nn.meta.unbox(abstract_params(MMDiT(mcfg), RES)))
+    x, t, tok = _inputs(mcfg, batch=1)
+
+    def loss_and_grad(policy):
+        model = MMDiT(dataclasses.replace(mcfg, remat=policy))
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, tok) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(noisy)
+
+    def has_checkpoint(policy):  # remat really wraps the blocks (cheap: tracing only)
+        model = MMDiT(dataclasses.replace(mcfg, remat=policy))
+        jaxpr = str(jax.make_jaxpr(model.apply)({"params": noisy}, x, t, tok))
+        return re.search(r"\b(remat\d*|checkpoint)\[", jaxpr) is not None
+
+    assert not has_checkpoint("none") and has_checkpoint(policies[-1])
+    ref_loss, ref_grad = loss_and_grad("none")
+    assert float(ref_loss) > 0
+    for policy in policies:
+        loss, grad = loss_and_grad(policy)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        _trees_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+def test_runs_at_other_and_rectangular_resolution(pos_embed):
+    mcfg = dataclasses.replace(TINY, pos_embed=pos_embed)
+    # No parameter depends on the position scheme or the resolution: one tree serves all.
+    assert (jax.tree.map(lambda a: a.shape, abstract_params(MMDiT(mcfg), 8))
+            == jax.tree.map(lambda a: a.shape, abstract_params(MMDiT(TINY), 32)))
+    _, noisy = _init(TINY)
+    x, t, tok = _inputs(mcfg, res=(8, 24))  # initialised at 16x16, run at 8x24
+    out = _apply(mcfg)({"params": noisy}, x, t, tok)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    assert float(jnp.abs(out).max()) > 0
+
+
+def test_bf16_compute_close_to_f32():
+    _, noisy = _init(TINY)
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+    x, t, tok = _inputs(TINY)
+    ref = _apply(TINY)({"params": noisy}, x, t, tok)
+    out = _apply(bf16)({"params": noisy}, x, t, tok)
+    assert out.dtype == jnp.float32
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert err < 0.05, err
+
+
+CONFIGS = [
+    TINY,
+    dataclasses.replace(TINY, scan=False),
+    dataclasses.replace(TINY, qk_norm=False, report_len=0),
+    dataclasses.replace(TINY, pos_embed="rope", report_len=16, remat="dots"),
+    dataclasses.replace(TINY, depth=1),
+    ModelConfig(patch=2, width=48, depth=4, heads=3, mlp_ratio=2.5, in_channels=3,
+                param_dtype="bfloat16"),
+]
+
+
+def _leaf_count(tree) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nn.meta.unbox(tree)))
+
+
+@pytest.mark.parametrize("mcfg", CONFIGS, ids=lambda c: f"{c.pos_embed}-d{c.depth}-s{c.scan}"
+                         f"-qk{c.qk_norm}-r{c.report_len}")
+def test_param_count_formula_and_logical_names(mcfg):
+    boxed = abstract_params(MMDiT(mcfg), RES)
+    assert _leaf_count(boxed) == param_count(mcfg)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), leaf
+        assert len(leaf.names) == leaf.value.ndim and all(leaf.names), leaf.names
+        assert leaf.value.dtype == jnp.dtype(mcfg.param_dtype)
+    if mcfg.scan and mcfg.depth > 1:
+        spec = nn.get_partition_spec(boxed)["blocks"]["x_q"]["kernel"]
+        assert tuple(spec) == ("layers", "embed", "heads", "kv")
+
+
+def _experiment_configs():
+    paths = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+    return [p for p in paths if not os.path.basename(p).startswith("_")]
+
+
+@pytest.mark.skipif(not _experiment_configs(), reason="no experiments/*.py yet")
+@pytest.mark.parametrize("path", _experiment_configs(), ids=os.path.basename)
+def test_param_count_formula_matches_experiment(path):
+    spec = importlib.util.spec_from_file_location(f"exp_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    required = [q for q in inspect.signature(module.get_config).parameters.values()
+                if q.default is inspect.Parameter.empty]
+    cfg = module.get_config(None) if required else module.get_config()
+    mcfg = ModelConfig.from_config(cfg)
+    model = build_model(cfg)
+    assert model.cfg == mcfg
+    assert _leaf_count(abstract_params(model, int(cfg.data.resolution))) == param_count(mcfg)
+    assert flops_per_image(mcfg, int(cfg.data.resolution)) > 0
+
+
+@pytest.mark.parametrize("depth,bound", [(12, 0.03), (24, 0.015), (38, 0.01)])
+def test_approx_param_count_is_sd3_rule(depth, bound):
+    mcfg = ModelConfig(patch=2, width=64 * depth, depth=depth, heads=depth)
+    assert approx_param_count(mcfg) == 36 * depth * (64 * depth) ** 2
+    gap = abs(approx_param_count(mcfg) - param_count(mcfg)) / param_count(mcfg)
+    assert gap < bound, gap
+    if depth == 24:
+        assert 2.0e9 < param_count(mcfg) < 2.1e9  # SD3: "depth 24 ≈ 2B"
+
+
+def test_flops_formula_against_xla_cost_analysis():
+    # Unrolled (XLA counts a while-loop body once); XLA also counts elementwise ops, which the
+    # formula ignores, so the formula sits slightly below.
+    for mcfg in (ModelConfig(patch=2, width=128, depth=3, heads=4, scan=False),
+                 ModelConfig(patch=2, width=128, depth=3, heads=4, scan=False,
+                             pos_embed="rope", report_len=8)):
+        model, res = MMDiT(mcfg), 32
+        x, t, tok = _inputs(mcfg, res=res, batch=1)
+        lowered = jax.jit(model.apply).lower({"params": abstract_params(model, res)}, x, t, tok)
+        xla = lowered.cost_analysis()["flops"]
+        ratio = flops_per_image(mcfg, res) / xla
+        assert 0.9 < ratio <= 1.0, ratio
+
+
+def test_layers_patchify_roundtrip_and_rope_is_relative():
+    x = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+    tok = layers.patchify(x, 4)
+    assert tok.shape == (2, 6, 48)
+    np.testing.assert_array_equal(tok[0, 1], x[0, :4, 4:8].reshape(-1))
+    np.testing.assert_array_equal(layers.unpatchify(tok, 8, 12, 4, 3), x)
+
+    cos, sin = layers.rope_2d(4, 4, 8)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+
+    def score(i, j):  # rotated q at grid index i against rotated k at index j
+        qi = layers.apply_rope(q, cos[i:i + 1], sin[i:i + 1])
+        kj = layers.apply_rope(k, cos[j:j + 1], sin[j:j + 1])
+        return float(jnp.sum(qi * kj))
+    # Same 2D offset (+1 row, +1 col) at two places -> same score; other offset differs.
+    np.testing.assert_allclose(score(0, 5), score(10, 15), rtol=1e-5)
+    assert abs(score(0, 5) - score(0, 6)) > 1e-4
+    np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rope(
+        jnp.broadcast_to(q, (1, 16, 1, 8)), cos, sin), axis=-1), jnp.linalg.norm(q), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(width=30, heads=4), "not divisible by heads"),
+    (dict(pos_embed="learned"), "unknown pos_embed 'learned'; allowed: sincos, rope"),
+    (dict(remat="some"), "unknown remat policy 'some'; allowed: none, full, dots"),
+    (dict(dtype="float16"), "unknown dtype 'float16'; allowed: float32, bfloat16"),
+    (dict(width=40, heads=4, pos_embed="rope"), "head_dim"),
+    (dict(depth=0), "depth must be >= 1"),
+])
+def test_bad_config_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kw)
+
+
+def test_bad_inputs_raise():
+    model = MMDiT(TINY)
+    with pytest.raises(ValueError, match="resolution 18 is not a positive multiple of patch 4"):
+        abstract_params(model, 18)
+    with pytest.raises(ValueError, match="tokens shape"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros(1),
+                       jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        layers.remat_policy("nope")
