@@ -1,0 +1,295 @@
+"""The phantom generator against its own analytic ground truth.
+
+Geometry is checked by reading it back from the pixels with ``phantom.measure`` (no access to
+the truth), effusions and pneumothoraces by comparing a study with its finding-free twin (same
+seed and index, so identical anatomy and noise), labels and reports by their invariants.
+"""
+import re
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cxr_rf import conditioning as cond
+from cxr_rf.data import phantom
+from cxr_rf.data.phantom_report import NEGATIVE_TEXT
+
+R = 160          # measurement tests; measure() needs >= 128 px
+FULL = 65535
+MAIN = ("No Finding", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Consolidation",
+        "Atelectasis", "Pneumothorax", "Pleural Effusion", "Support Devices")
+# How a report names each finding (positive sentences and "No ..." negatives alike).
+KEYWORD = {
+    "Enlarged Cardiomediastinum": r"cardiomediastinal|mediastinum", "Cardiomegaly": "cardiomegaly",
+    "Lung Opacity": "opacity", "Lung Lesion": "nodule|mass", "Edema": "edema",
+    "Consolidation": "consolidation", "Pneumonia": "pneumonia", "Atelectasis": "atelectasis",
+    "Pneumothorax": "pneumothorax", "Pleural Effusion": "effusion",
+    "Pleural Other": "pleural thickening", "Fracture": "fracture",
+    "Support Devices": "support devices",
+}
+
+
+def _code(study, name):
+    return int(study.findings[cond.FINDINGS.index(name)])
+
+
+# ---------------------------------------------------------------- determinism and format
+
+def test_deterministic_per_seed_and_index():
+    a, b = phantom.generate(3, 7, 64), phantom.generate(3, 7, 64)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.findings, b.findings)
+    assert a.report == b.report and a.truth["ctr"] == b.truth["ctr"]
+    assert not np.array_equal(a.image, phantom.generate(3, 8, 64).image)
+    assert not np.array_equal(a.image, phantom.generate(4, 7, 64).image)
+    # The study (anatomy, labels, report) does not depend on the resolution.
+    c = phantom.generate(3, 7, 128)
+    np.testing.assert_array_equal(a.findings, c.findings)
+    assert a.report == c.report and a.truth["ctr"] == c.truth["ctr"]
+
+
+@pytest.mark.parametrize("res", [32, 64, 256])
+def test_shape_dtype_and_range(res):
+    s = phantom.generate(1, 2, res)
+    assert s.image.shape == (res, res) and s.image.dtype == np.uint16
+    r0, r1, c0, c1 = s.truth["field"]
+    field = np.zeros((res, res), bool)
+    field[r0:r1, c0:c1] = True
+    assert (s.image[~field] == 0).all() and (s.image[field] >= 1).all()   # collimation
+    assert s.image.max() > 0.8 * FULL                                    # 16-bit range used
+    assert s.findings.dtype == np.int8 and s.findings.shape == (len(cond.FINDINGS),)
+    assert set(s.findings.tolist()) <= set(range(len(cond.STATES)))
+    assert s.sex in ("M", "F") and 18 <= s.age <= 95 and s.race in cond.RACES
+    assert s.view in ("PA", "AP") and s.site in phantom.SITES
+    assert re.match(r"EXAMINATION: .*\nFINDINGS: .*\nIMPRESSION: .+", s.report)
+
+
+def test_studies_grouped_by_patient():
+    st = [phantom.generate(0, i, 32) for i in range(6)]
+    assert len({s.patient_id for s in st[:3]}) == 1 and st[0].patient_id == "phantom-0-0"
+    assert st[3].patient_id == "phantom-0-1" and st[3].patient_id != st[2].patient_id
+    assert len({s.study_id for s in st}) == 6
+    for s in st[1:3]:
+        assert (s.sex, s.age, s.race) == (st[0].sex, st[0].age, st[0].race)
+
+
+def test_overrides_are_validated():
+    with pytest.raises(ValueError, match="valid: findings, sex, age, race, view, site"):
+        phantom.generate(0, 0, 64, colour="red")
+    with pytest.raises(ValueError, match="Cardiomegaly"):
+        phantom.generate(0, 0, 64, findings={"Cardiomegally": True})
+    bad = [dict(findings={"Cardiomegaly": "yes"}), dict(findings={"Pneumothorax": "bilateral"}),
+           dict(findings={"Consolidation": True, "Lung Opacity": False}),
+           dict(findings={"No Finding": True, "Atelectasis": True}),
+           dict(sex="X"), dict(age=12), dict(site="site_z"), dict(view="LATERAL"),
+           dict(race="Martian")]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            phantom.generate(0, 0, 64, **kw)
+    with pytest.raises(ValueError, match="resolution"):
+        phantom.generate(0, 0, 8)
+
+
+def test_override_changes_only_what_is_forced():
+    base = phantom.generate(2, 4, 64, findings={"Pleural Effusion": False})
+    forced = phantom.generate(2, 4, 64, findings={"Pleural Effusion": "left"})
+    def demo(s):
+        return s.sex, s.age, s.view, s.site, s.patient_id
+    assert demo(base) == demo(forced)
+    assert forced.truth["effusion_left"] and not forced.truth["effusion_right"]
+    others = [f for f in cond.FINDINGS if f not in ("Pleural Effusion", "No Finding")]
+    assert all(base.truth["present"][f] == forced.truth["present"][f] for f in others)
+    assert base.truth["ctr"] == forced.truth["ctr"]
+    s = phantom.generate(2, 4, 64, findings={"Cardiomegaly": True}, sex="F", age=70, site="site_b")
+    assert (s.sex, s.age, s.site) == ("F", 70.0, "site_b") and s.truth["present"]["Cardiomegaly"]
+
+
+# ---------------------------------------------------------------- measurement vs truth
+
+@pytest.fixture(scope="module")
+def ctr_cases():
+    """36 studies over every site x view, half of them with cardiomegaly."""
+    out = []
+    for i in range(36):
+        s = phantom.generate(11, i, R, site=phantom.SITES[i % 3], view=("PA", "AP")[i // 3 % 2],
+                             findings={"Cardiomegaly": i // 6 % 2 == 0})
+        out.append((s, phantom.measure(s.image)))
+    return out
+
+
+def test_measured_ctr_matches_truth(ctr_cases):
+    err = np.array([m["ctr"] - s.truth["ctr"] for s, m in ctr_cases])
+    assert np.isfinite(err).all()
+    assert np.abs(err).mean() < 0.02, err
+    assert np.abs(err).max() < 0.05, err
+
+
+def test_cardiomegaly_read_from_pixels(ctr_cases):
+    for s, _ in ctr_cases:   # truth and label agree with the CTR > 0.5 definition
+        assert (s.truth["ctr"] > 0.5) == s.truth["present"]["Cardiomegaly"]
+        assert (s.truth["ctr"] > 0.5) == (_code(s, "Cardiomegaly") == cond.POSITIVE)
+    hits = [(m["ctr"] > 0.5) == s.truth["present"]["Cardiomegaly"] for s, m in ctr_cases]
+    assert np.mean(hits) >= 0.95
+
+
+def test_ap_view_magnifies_the_heart():
+    ratios = []
+    for i in range(6):
+        pa = phantom.generate(13, i, R, view="PA", findings={"Cardiomegaly": False})
+        ap = phantom.generate(13, i, R, view="AP", findings={"Cardiomegaly": False})
+        assert pa.patient_id == ap.patient_id
+        m_pa, m_ap = phantom.measure(pa.image)["ctr"], phantom.measure(ap.image)["ctr"]
+        assert m_ap > m_pa
+        ratios.append(m_ap / m_pa)
+    assert 1.05 < np.mean(ratios) < 1.15
+
+
+def test_effusion_sides_detected_across_sites():
+    hits, score_pos, score_neg = [], [], []
+    for i in range(36):
+        side = ("left", "right", False, "bilateral")[i % 4]
+        s = phantom.generate(17, i, R, site=phantom.SITES[i % 3],
+                             findings={"Pleural Effusion": side})
+        m = phantom.measure(s.image)
+        hits.append(m["effusion_left"] == s.truth["effusion_left"]
+                    and m["effusion_right"] == s.truth["effusion_right"])
+        for sd in ("left", "right"):
+            (score_pos if s.truth[f"effusion_{sd}"] else score_neg).append(m[f"cp_blunting_{sd}"])
+    assert np.mean(hits) >= 0.95
+    assert np.mean(score_pos) > np.mean(score_neg) + 0.03
+
+
+def test_left_means_patient_left_image_right():
+    """A left effusion (patient's left) is drawn, and measured, on the image's right."""
+    kw = dict(site="site_a", view="PA")
+    s = phantom.generate(19, 1, R, findings={"Pleural Effusion": "left"}, **kw)
+    twin = phantom.generate(19, 1, R, findings={"Pleural Effusion": False}, **kw)
+    fluid = phantom.truth_masks(19, 1, R, findings={"Pleural Effusion": "left"}, **kw)["effusion"]
+    cols = np.nonzero(fluid)[1] / R
+    assert fluid.sum() > 20 and (cols > s.truth["midline"]).all()
+    brighter = s.image.astype(float) - twin.image.astype(float)
+    mid = int(s.truth["midline"] * R)
+    assert brighter[:, mid:].sum() > 20 * abs(brighter[:, :mid].sum())
+    m = phantom.measure(s.image)
+    assert m["effusion_left"] and not m["effusion_right"]
+    assert "left pleural effusion" in s.report.lower()
+
+
+def test_pneumothorax_space_has_no_lung_markings():
+    """Beyond the pleural line there are no vessels: less fine texture than the same region
+    of the finding-free twin (same anatomy, ribs and noise realisation)."""
+    ratios = []
+    for i in range(6):
+        side = ("left", "right")[i % 2]
+        s = phantom.generate(5, i, 256, findings={"Pneumothorax": side})
+        twin = phantom.generate(5, i, 256, findings={"Pneumothorax": False})
+        region = phantom.truth_masks(5, i, 256, findings={"Pneumothorax": side})["pneumothorax"]
+        region = ndimage.binary_erosion(region, iterations=2)   # off the pleural line
+        assert region.sum() > 30
+        cols = np.nonzero(region)[1] / 256
+        assert ((cols > s.truth["midline"]) == (side == "left")).all()
+
+        def texture(img):
+            f = img.astype(np.float32) / FULL
+            return (f - ndimage.gaussian_filter(f, 1.0))[region].var()
+        ratios.append(texture(s.image) / texture(twin.image))
+        assert f"{side} apical pneumothorax" in s.report
+    assert max(ratios) < 0.97 and np.mean(ratios) < 0.9, ratios
+
+
+def test_demographics_change_anatomy():
+    for i in range(4):
+        kw = dict(findings={"Cardiomegaly": False}, view="PA", site="site_a")
+        m, f = (phantom.generate(23, i, 192, sex=x, age=50, **kw) for x in ("M", "F"))
+        assert f.truth["thoracic_width"] < m.truth["thoracic_width"]        # smaller thorax
+        width = [phantom.measure(s.image)["thoracic_width"] for s in (f, m)]
+        assert width[0] < width[1]
+        young, old = (phantom.generate(23, i, 64, sex="M", age=a, **kw) for a in (25, 90))
+        assert old.truth["ctr"] > young.truth["ctr"]                         # larger heart
+
+
+# ---------------------------------------------------------------- sites
+
+def test_sites_differ_measurably():
+    stats = {site: [] for site in phantom.SITES}
+    for i in range(3):
+        for site in phantom.SITES:
+            s = phantom.generate(21, i, 128, site=site, findings={"Support Devices": False})
+            img = s.image.astype(np.float32) / FULL
+            r0, r1, c0, c1 = s.truth["field"]
+            f = img[r0:r1, c0:c1]
+            bright = np.argwhere(img > 0.96)          # the burned-in side marker
+            stats[site].append(dict(
+                border=(img == 0).mean(), floor=np.percentile(f, 1),
+                noise=np.median(np.abs(f - ndimage.median_filter(f, 3))),
+                marker=bright.mean(0) / 128 if len(bright) else np.array([np.nan, np.nan])))
+    mean = {site: {k: np.mean([d[k] for d in v], 0) for k in v[0]} for site, v in stats.items()}
+    a, b, c = (mean[s] for s in phantom.SITES)
+    assert a["border"] < c["border"] < b["border"]          # collimation
+    assert b["floor"] > a["floor"] + 0.03 and b["floor"] > c["floor"] + 0.03   # exposure curve
+    assert c["noise"] > 1.3 * a["noise"]                    # noise level
+    assert (a["marker"] < 0.15).all()                       # "R" block top-left
+    assert b["marker"][0] < 0.15 and b["marker"][1] > 0.85  # "L" glyph top-right
+    assert (c["marker"] > 0.85).all()                       # "L" block bottom-right
+
+
+# ---------------------------------------------------------------- labels and reports
+
+@pytest.fixture(scope="module")
+def draws():
+    return [phantom.generate(7, i, 32) for i in range(300)]
+
+
+def test_label_invariants(draws):
+    for s in draws:
+        code = {f: _code(s, f) for f in cond.FINDINGS}
+        others = [f for f in cond.FINDINGS if f != "No Finding"]
+        none_pos = all(code[f] != cond.POSITIVE for f in others)
+        assert (code["No Finding"] == cond.POSITIVE) == none_pos
+        assert s.truth["present"]["No Finding"] == none_pos
+        for child, parent in (("Consolidation", "Lung Opacity"), ("Edema", "Lung Opacity"),
+                              ("Pneumonia", "Consolidation"),
+                              ("Cardiomegaly", "Enlarged Cardiomediastinum")):
+            if code[child] == cond.POSITIVE:
+                assert code[parent] == cond.POSITIVE
+        for f in others:       # present findings are drawn visibly, hence labelled positive
+            assert (code[f] == cond.POSITIVE) == s.truth["present"][f]
+        eff = s.truth["effusion_left"] or s.truth["effusion_right"]
+        assert eff == s.truth["present"]["Pleural Effusion"]
+
+
+def test_reports_state_positives_and_negatives(draws):
+    for s in draws:
+        body = s.report.split("FINDINGS:")[1].split("IMPRESSION:")[0]
+        sentences = [x.strip() for x in re.split(r"(?<=\.)\s+", body) if x.strip()]
+        for f in cond.FINDINGS[1:]:
+            key = re.compile(KEYWORD[f], re.I)
+            said_pos = any(key.search(x) and not x.startswith("No ")
+                           and "cannot be excluded" not in x for x in sentences)
+            said_neg = any(key.search(x) and x.startswith("No ") for x in sentences)
+            code = _code(s, f)
+            if code == cond.POSITIVE:
+                assert said_pos, (f, s.report)
+            elif code == cond.NEGATIVE:
+                assert said_neg, (f, s.report)
+            else:
+                assert NEGATIVE_TEXT[f] not in s.report
+        if _code(s, "No Finding") == cond.POSITIVE:
+            assert "No acute cardiopulmonary process" in s.report
+
+
+def test_prevalence_and_label_noise_plausible(draws):
+    n = len(draws)
+    for f in MAIN:
+        p = np.mean([s.truth["present"][f] for s in draws])
+        assert 0.05 <= p <= 0.5, (f, p)
+    absent = np.concatenate([s.findings[[not s.truth["present"][f] for f in cond.FINDINGS]]
+                             for s in draws])
+    assert 0.01 < np.mean(absent == cond.UNMENTIONED) < 0.1
+    assert 0.005 < np.mean(absent == cond.UNCERTAIN) < 0.08
+    races = [s.race for s in draws]
+    assert 0.45 < races.count("unknown") / n < 0.75 and len(set(races)) == len(cond.RACES)
+    assert {s.sex for s in draws} == {"M", "F"} and set(s.site for s in draws) == set(phantom.SITES)
+    ap_dev = np.mean([s.view == "AP" for s in draws if s.truth["present"]["Support Devices"]])
+    ap_none = np.mean([s.view == "AP" for s in draws if not s.truth["present"]["Support Devices"]])
+    assert ap_dev > ap_none + 0.2        # portable AP films for lines-and-tubes patients
