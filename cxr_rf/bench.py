@@ -20,9 +20,7 @@ from ml_collections import config_flags
 from cxr_rf import conditioning
 from cxr_rf.model import flops_per_image, ModelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (the first compiles).")
+FLAGS = flags.FLAGS
 
 
 def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
@@ -65,12 +63,19 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
             "platform": jax.devices()[0].platform, "loss": float(m["loss"])}
 
 
+def _define_flags() -> None:
+    """Command-line flags (defined only when run as a program)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment file.")
+    flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps (the first compiles).")
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in ("train",):
         sys.exit("usage: python -m cxr_rf.bench train --config experiments/NAME.py [--steps N]")
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
         sys.exit("error: --config is required")
-    r = bench_train(_CONFIG.value, _STEPS.value, _WARMUP.value)
+    r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     print(f"train step: {r['images_per_s']:.2f} images/s ({r['step_s'] * 1e3:.1f} ms/step) on "
           f"{r['devices']} {r['platform']} device(s)")
     print(f"model FLOPs/image (fwd+bwd, analytic): {r['flops_per_image'] / 1e9:.3f} GFLOP")
@@ -81,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

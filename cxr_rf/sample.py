@@ -113,48 +113,53 @@ def load(workdir: str | epath.Path, step: int | None = None):
     return cfg, model, state.ema_params, step
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_NUM = flags.DEFINE_integer("num", 8, "Number of images.")
-_FINDINGS = flags.DEFINE_string("findings", "", "Comma list of positive findings (Name or Name=state); "
-                                "unlisted ones are negative. Valid names: " + ", ".join(conditioning.FINDINGS))
-_SEX = flags.DEFINE_string("sex", "unknown", f"One of {conditioning.SEXES}.")
-_AGE = flags.DEFINE_float("age", None, "Age in years (default unknown).")
-_RACE = flags.DEFINE_string("race", "unknown", f"One of {conditioning.RACES}.")
-_VIEW = flags.DEFINE_string("view", "PA", f"One of {conditioning.VIEWS}.")
-_SOURCE = flags.DEFINE_string("source", "unknown", f"One of {conditioning.SOURCES}.")
-_STEPS = flags.DEFINE_integer("steps", 28, "ODE steps.")
-_CFG = flags.DEFINE_float("cfg", 4.0, "Classifier-free guidance scale (1 = none).")
-_METHOD = flags.DEFINE_enum("method", "euler", ["euler", "heun"], "ODE solver.")
-_SEED = flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
-_BITS = flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
+    flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_integer("num", 8, "Number of images.")
+    flags.DEFINE_string("findings", "", "Comma list of positive findings (Name or Name=state); "
+                        "unlisted ones are negative. Valid names: " + ", ".join(conditioning.FINDINGS))
+    flags.DEFINE_string("sex", "unknown", f"One of {conditioning.SEXES}.")
+    flags.DEFINE_float("age", None, "Age in years (default unknown).")
+    flags.DEFINE_string("race", "unknown", f"One of {conditioning.RACES}.")
+    flags.DEFINE_string("view", "PA", f"One of {conditioning.VIEWS}.")
+    flags.DEFINE_string("source", "unknown", f"One of {conditioning.SOURCES}.")
+    flags.DEFINE_integer("steps", 28, "ODE steps.")
+    flags.DEFINE_float("cfg", 4.0, "Classifier-free guidance scale (1 = none).")
+    flags.DEFINE_enum("method", "euler", ["euler", "heun"], "ODE solver.")
+    flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
+    flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
+    flags.DEFINE_string("out", None, "Output directory.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        if not _WORKDIR.value or not _OUT.value:
+        if not FLAGS.workdir or not FLAGS.out:
             raise ValueError("--workdir and --out are required (see --help)")
-        if _NUM.value < 1 or _STEPS.value < 1:
-            raise ValueError(f"--num and --steps must be >= 1, got {_NUM.value} and {_STEPS.value}")
-        cond = Conditions.parse(_FINDINGS.value, sex=_SEX.value, age=_AGE.value, race=_RACE.value,
-                                view=_VIEW.value, source=_SOURCE.value)
-        cfg, model, params, step = load(_WORKDIR.value, _STEP.value)
+        if FLAGS.num < 1 or FLAGS.steps < 1:
+            raise ValueError(f"--num and --steps must be >= 1, got {FLAGS.num} and {FLAGS.steps}")
+        cond = Conditions.parse(FLAGS.findings, sex=FLAGS.sex, age=FLAGS.age, race=FLAGS.race,
+                                view=FLAGS.view, source=FLAGS.source)
+        cfg, model, params, step = load(FLAGS.workdir, FLAGS.step)
     except (ValueError, FileNotFoundError, checkpoint.RestoreError) as e:
         sys.exit(f"error: {e}")
-    seeds = [_SEED.value + i for i in range(_NUM.value)]
-    images = Sampler(cfg, model).generate(params, [cond] * len(seeds), seeds, steps=_STEPS.value,
-                                          cfg_scale=_CFG.value, method=_METHOD.value)
-    out = epath.Path(_OUT.value)
+    seeds = [FLAGS.seed + i for i in range(FLAGS.num)]
+    images = Sampler(cfg, model).generate(params, [cond] * len(seeds), seeds, steps=FLAGS.steps,
+                                          cfg_scale=FLAGS.cfg, method=FLAGS.method)
+    out = epath.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (seed, img) in enumerate(zip(seeds, images)):
         name = f"{i:04d}.png"
-        outputs.write_png(out / name, img, bits=int(_BITS.value))
-        rows.append({"file": name, "seed": seed, "steps": _STEPS.value, "cfg": _CFG.value,
-                     "method": _METHOD.value, "checkpoint_step": step, "workdir": str(_WORKDIR.value),
+        outputs.write_png(out / name, img, bits=int(FLAGS.bits))
+        rows.append({"file": name, "seed": seed, "steps": FLAGS.steps, "cfg": FLAGS.cfg,
+                     "method": FLAGS.method, "checkpoint_step": step, "workdir": str(FLAGS.workdir),
                      "conditions": cond.describe()})
     with (out / "grid.png").open("wb") as f:
         outputs.grid(list(images), [f"seed {s}: {cond.label()}" for s in seeds]).save(f, format="PNG")
@@ -163,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -29,8 +29,7 @@ from cxr_rf import step as step_lib
 from cxr_rf.data import convert, pipeline
 from cxr_rf.model import build_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+FLAGS = flags.FLAGS
 
 
 def data_dir(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
@@ -121,8 +120,13 @@ class Trainer:
         return np.mean(np.asarray(jax.device_get(losses)), axis=0)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
-    """Train (or resume) a run in ``workdir``; returns the last logged metrics."""
+def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
+        stop_at: int | None = None) -> dict:
+    """Train (or resume) a run in ``workdir``; returns the last logged metrics.
+
+    ``stop_at`` ends the loop early after that step (with a checkpoint), as a preemption
+    would; the schedule still follows ``train.steps``.
+    """
     from cxr_rf import sample  # sample imports model/flow only; kept local to keep CLI start fast
     workdir = epath.Path(workdir)
     lead = jax.process_index() == 0
@@ -146,7 +150,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
     bar = outputs.progress(start, t.steps, enabled=lead and t.progress)
     last: dict[str, Any] = {}
     window, t0 = [], time.perf_counter()
-    for step in range(start + 1, t.steps + 1):
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    for step in range(start + 1, end + 1):
         state, metrics = trainer.train_step(state, next(data_iter))
         window.append(metrics)
         if step % t.log_every == 0 or step == t.steps:
@@ -169,7 +174,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
             if writer:
                 writer.scalars(step, {"val/loss": last["val_loss"], **{
                     f"val/loss_t{tv:.1f}": float(v) for tv, v in zip(t.eval_timesteps, val)}})
-        if step % t.ckpt_every == 0 or step == t.steps:
+        if step % t.ckpt_every == 0 or step == end:
             checkpoint.save(mngr, step, state, data_iter)
         if lead and t.sample_every and (step % t.sample_every == 0 or step == t.steps):
             sampler.grid(state.ema_params, workdir / "samples" / f"step_{step:07d}.png", step=step)
@@ -181,18 +186,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
     return last
 
 
+def _define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
+    flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if FLAGS.config is None or FLAGS.workdir is None:
         sys.exit("error: --config and --workdir are required (see --help)")
     logging.getLogger().setLevel(logging.INFO)
     try:
-        metrics = run(_CONFIG.value, _WORKDIR.value)
+        metrics = run(FLAGS.config, FLAGS.workdir)
     except (checkpoint.RestoreError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps({"final": metrics}))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from cxr_rf import conditioning as cond
 from cxr_rf.data import phantom
-from cxr_rf.data.phantom_report import NEGATIVE_TEXT
+from cxr_rf.data.phantom.report import NEGATIVE_TEXT
 
 R = 160          # measurement tests; measure() needs >= 128 px
 FULL = 65535

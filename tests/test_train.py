@@ -46,10 +46,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data_dir):
     full = tiny_config(steps=6)
     full.data.dir = data_dir
     m_full = train.run(full, tmp_path / "full")
-    # Interrupted: stop after 4 steps (checkpoint at 4), then rerun the same command with 6.
-    part = tiny_config(steps=4)
-    part.data.dir = data_dir
-    train.run(part, tmp_path / "part")
+    # Interrupted after step 3 (checkpoint at 2 and 3), then the same command again.
+    train.run(full, tmp_path / "part", stop_at=3)
     m_resumed = train.run(full, tmp_path / "part")
     assert m_resumed["loss"] == m_full["loss"]
     s1, p1 = _params(tmp_path / "full", full)

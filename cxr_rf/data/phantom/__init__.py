@@ -7,15 +7,15 @@ cardiothoracic ratio and costophrenic blunting back from the pixels alone, so te
 evaluations of generative models trained on phantoms) can check findings analytically.
 
 How it is built (see the helper modules):
-  * ``phantom_sample``   patients (index // 3; stable demographics, chest shape, heart size)
+  * ``patients``         patients (index // 3; stable demographics, chest shape, heart size)
                          and studies (acute findings, view, site), overrides;
-  * ``phantom_anatomy``  analytic curves: rib cage, cardiomediastinal silhouette, domes;
-  * ``phantom_findings`` where each finding goes, placed so it stays measurable;
-  * ``phantom_render``   attenuation line integrals (body - lung air + bone + fluid + ...),
-                         with ``phantom_parts`` (bones, vessels, opacities, devices) and
-                         ``phantom_raster`` (anti-aliased lines, boxes, smooth noise);
-  * ``phantom_site``     exposure curve, noise, collimation and side marker per site;
-  * ``phantom_report``   label codes and the report; ``phantom_measure`` the measurements.
+  * ``anatomy``          analytic curves: rib cage, cardiomediastinal silhouette, domes;
+  * ``findings``         where each finding goes, placed so it stays measurable;
+  * ``render``           attenuation line integrals (body - lung air + bone + fluid + ...),
+                         with ``parts`` (bones, vessels, opacities, devices) and
+                         ``raster`` (anti-aliased lines, boxes, smooth noise);
+  * ``site``             exposure curve, noise, collimation and side marker per site;
+  * ``report``   label codes and the report; ``measurement`` the measurements.
 
 Image convention: PA display, as if the patient faced the viewer, so the patient's right is
 on the image's left. "left"/"right" in labels, reports, ``truth`` and ``measure`` are always
@@ -29,8 +29,11 @@ import dataclasses
 
 import numpy as np
 
-from cxr_rf.data import phantom_measure, phantom_render, phantom_report, phantom_site
-from cxr_rf.data.phantom_sample import OVERRIDES, SITES, sample_study
+from cxr_rf.data.phantom import measurement as phantom_measure
+from cxr_rf.data.phantom import render as phantom_render
+from cxr_rf.data.phantom import report as phantom_report
+from cxr_rf.data.phantom import site as phantom_site
+from cxr_rf.data.phantom.patients import OVERRIDES, SITES, sample_study
 
 __all__ = ["SITES", "OVERRIDES", "PhantomStudy", "generate", "measure", "truth_masks"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_rf.data import phantom_anatomy as pa
+from cxr_rf.data.phantom import anatomy as pa
 
 # Slots into the 64 uniforms a study draws for finding geometry.
 _ATEL, _EFF, _PTX, _LES, _CONS, _GGO, _EDEMA, _FRAC, _PO, _DEV, _BREAST = (

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_rf.data import phantom_anatomy as pa
-from cxr_rf.data.phantom_raster import F32, blob, box, clip01, smooth_path, splat_lines
+from cxr_rf.data.phantom import anatomy as pa
+from cxr_rf.data.phantom.raster import F32, blob, box, clip01, smooth_path, splat_lines
 
 
 def ribs(a: pa.Anatomy, ax, y, n, fracture):

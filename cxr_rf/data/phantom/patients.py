@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data import phantom_anatomy as pa
+from cxr_rf.data.phantom import anatomy as pa
 
 SITES: tuple[str, ...] = ("site_a", "site_b", "site_c")
 STUDIES_PER_PATIENT = 3
@@ -162,7 +162,7 @@ def sample_study(seed: int, index: int, overrides: dict) -> Study:
     u["sick"] = float(np.clip(p["sick"] + 0.15 * (u["sick"] - 0.5), 0, 1))
     # Python floats, not numpy scalars: numpy scalars would promote the float32 rendering
     # to float64.
-    f_u = rng.random(64).tolist()    # finding geometry draws (see phantom_findings)
+    f_u = rng.random(64).tolist()    # finding geometry draws (see findings.py)
     label_u = rng.random(2 * len(cond.FINDINGS))
     exposure_u = rng.random(8).tolist()
     sex, age = o.get("sex", p["sex"]), float(o.get("age", p["age"]))
@@ -190,7 +190,7 @@ def sample_study(seed: int, index: int, overrides: dict) -> Study:
     g["habitus"] = p["habitus_z"] + _RACE_HABITUS[race]
     g["cx"] = 0.7 * g["cx"] + 0.3 * u["cx"]
     g["dome"] = 0.8 * g["dome"] + 0.2 * u["dome"]
-    from cxr_rf.data import phantom_findings as pf  # local: phantom_findings imports Study
+    from cxr_rf.data.phantom import findings as pf  # local: findings.py imports Study
     elevation = pf.atelectasis_elevation(c, f_u)
     anat = pa.sample_anatomy(g, sex=sex, age=age, view=view, ctr_pa=ctr_pa,
                              widened=c["widened"], elevation=elevation)

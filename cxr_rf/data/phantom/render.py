@@ -8,7 +8,7 @@ borders are what make the cardiothoracic ratio and the costophrenic angles measu
 Site-specific exposure, noise and markers are applied afterwards (``phantom_site``).
 
 Everything is vectorised over the image or over a bounding box; the drawn parts (bones,
-vessels, opacities, devices) live in ``phantom_parts``, the primitives in ``phantom_raster``.
+vessels, opacities, devices) live in ``parts``, the primitives in ``raster``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from cxr_rf.data import phantom_parts as parts
-from cxr_rf.data.phantom_raster import F32, box, clip01, texture
+from cxr_rf.data.phantom import parts as parts
+from cxr_rf.data.phantom.raster import F32, box, clip01, texture
 
 _EDGE = 0.004        # pleural edge ramp (image widths)
 
