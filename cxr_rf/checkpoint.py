@@ -7,6 +7,7 @@ restore and silently trains from scratch.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import grain
@@ -21,13 +22,20 @@ class RestoreError(RuntimeError):
     """A checkpoint exists but could not be restored."""
 
 
+def absolute(directory: str | epath.Path) -> epath.Path:
+    """Orbax needs absolute paths; local relative ones are resolved, URLs (gs://) kept."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else epath.Path(os.path.abspath(str(path)))
+
+
 def manager(directory: str | epath.Path, *, keep: int = 3, save_interval: int = 1,
             async_save: bool = True) -> ocp.CheckpointManager:
     """A manager for (state, data-iterator) checkpoints under ``directory``."""
+    directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval, create=True,
         enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(epath.Path(directory), options=options,
+    return ocp.CheckpointManager(directory, options=options,
                                  item_names=(STATE, DATA))
 
 
@@ -75,7 +83,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
 def restore_params(directory: str | epath.Path, abstract_state: Any,
                    step: int | None = None) -> tuple[int, Any]:
     """Restore only the train state (no data iterator), e.g. for sampling."""
-    mngr = ocp.CheckpointManager(epath.Path(directory), item_names=(STATE, DATA),
+    mngr = ocp.CheckpointManager(absolute(directory), item_names=(STATE, DATA),
                                  options=ocp.CheckpointManagerOptions(create=False))
     try:
         return restore(mngr, abstract_state, None, step)
