@@ -27,6 +27,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("layers", None),
     ("patch", None),
+    ("freq", None),            # timestep sinusoid features
+    ("ctx", None),             # rows of the context position table
 )
 
 

@@ -1,0 +1,43 @@
+"""Mesh resolution and the early, readable failures for bad mesh/batch combinations."""
+import jax
+import pytest
+
+from cxr_rf import sharding
+
+
+def test_minus_one_takes_the_remaining_devices():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 4) == (1, 4, 1)
+
+
+@pytest.mark.parametrize("mesh, devices, needle", [
+    ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "at most one mesh axis may be -1"),
+    ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "does not divide 8 devices"),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, 8, "needs 4 devices, have 8"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, 1, "positive or -1"),
+])
+def test_bad_meshes_fail_with_the_reason(mesh, devices, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        sharding.mesh_shape(mesh, devices)
+
+
+def test_batch_must_split_over_data_and_fsdp():
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+    sharding.check_batch(8, mesh)
+    with pytest.raises(ValueError, match="global batch 6 is not divisible by data\\*fsdp = 4"):
+        sharding.check_batch(6, mesh)
+
+
+def test_every_logical_name_of_the_model_has_a_rule():
+    """A name without a rule is silently replicated; the table must cover what the model uses."""
+    from cxr_rf import config
+    from cxr_rf.model import abstract_params, build_model
+    c = config.base()
+    names = set()
+    specs = jax.tree.leaves(
+        __import__("flax").linen.get_partition_spec(abstract_params(build_model(c), 32)),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for spec in specs:
+        names.update(n for n in spec if n is not None)
+    ruled = {name for name, _ in sharding.RULES}
+    assert names <= ruled, f"logical names without a rule: {sorted(names - ruled)}"
