@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -137,6 +138,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
+    logging.getLogger("absl").setLevel(logging.WARNING)   # quiet Orbax's per-restore INFO logs
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:

@@ -6,7 +6,9 @@ Parameters and activations are annotated with logical names in the model (see
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -55,6 +57,20 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh):
+    """Make ``mesh`` and the logical-axis RULES current (for tracing and running steps).
+
+    Uses the legacy ``with mesh:`` context on purpose: under ``jax.set_mesh`` flax 0.12.8
+    applies the scanned parameters' stacked ("layers", ...) constraint to the per-layer value
+    during init and fails on the rank mismatch.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*context manager has been deprecated")
+        with mesh, nn.logical_axis_rules(RULES):
+            yield
 
 
 def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:

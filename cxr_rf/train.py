@@ -83,7 +83,7 @@ class Trainer:
             step_lib.init_state, self.model, self.tx, resolution=cfg.data.resolution,
             num_tokens=conditioning.num_tokens(cfg.data.report_len),
             in_channels=cfg.model.in_channels)
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.use(self.mesh):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
             self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
             self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_sharding)
@@ -99,7 +99,7 @@ class Trainer:
 
     def init_state(self):
         """A freshly initialised, sharded TrainState."""
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.use(self.mesh):
             return self._init(jax.random.PRNGKey(self.cfg.seed))
 
     def global_batch(self, local: dict) -> dict:
@@ -108,13 +108,13 @@ class Trainer:
                 for k, v in local.items() if k in ("image", "tokens")}
 
     def train_step(self, state, batch):
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.use(self.mesh):
             return self._train_step(state, self.global_batch(batch))
 
     def evaluate(self, params, path) -> np.ndarray:
         """Mean validation loss at each fixed timestep over the first eval batches."""
         it = iter(make_loader(self.cfg, path, "validation", train=False))
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.use(self.mesh):
             losses = [self._eval_step(params, self.global_batch(next(it)))
                       for _ in range(self.cfg.train.eval_batches)]
         return np.mean(np.asarray(jax.device_get(losses)), axis=0)
@@ -198,6 +198,8 @@ def main(argv):
     if FLAGS.config is None or FLAGS.workdir is None:
         sys.exit("error: --config and --workdir are required (see --help)")
     logging.getLogger().setLevel(logging.INFO)
+    # Orbax and Grain log through absl at INFO on every save/restore; keep the console for ours.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         metrics = run(FLAGS.config, FLAGS.workdir)
     except (checkpoint.RestoreError, FileNotFoundError, ValueError) as e:

@@ -13,8 +13,8 @@ def get_config(arg=None):
     c.data.num = 512
     c.data.resolution = 64
     c.model.update(patch=4, width=96, depth=3, heads=3)
-    c.train.update(steps=600, batch_size=32, log_every=20, eval_every=200, ckpt_every=200,
-                   sample_every=300)
-    c.optim.update(lr=1e-3, warmup_steps=50)
+    c.train.update(steps=400, batch_size=32, log_every=20, eval_every=100, ckpt_every=100,
+                   sample_every=200)
+    c.optim.update(lr=1.5e-3, warmup_steps=40)
     c.sample.steps = 20
     return c
