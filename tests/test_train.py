@@ -45,6 +45,7 @@ def _params(workdir, cfg):
 def test_resumed_run_equals_uninterrupted(tmp_path, data_dir):
     full = tiny_config(steps=6)
     full.data.dir = data_dir
+    full.train.eval_every = 0           # not under test here; saves a compile per run
     m_full = train.run(full, tmp_path / "full")
     # Interrupted after step 3 (checkpoint at 2 and 3), then the same command again.
     train.run(full, tmp_path / "part", stop_at=3)
@@ -58,9 +59,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data_dir):
 
 
 def test_training_reduces_validation_loss(tmp_path, data_dir):
-    c = tiny_config(steps=30)
+    c = tiny_config(steps=60)
     c.data.dir = data_dir
-    c.train.update(eval_every=30, log_every=10)
+    c.train.update(eval_every=60, log_every=20, ckpt_every=60)
     c.optim.update(lr=2e-3, ema_decay=0.0)
     first = train.Trainer(c)
     before = first.evaluate(first.init_state().ema_params, data_dir).mean()
