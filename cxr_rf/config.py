@@ -12,6 +12,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.dir = ""                 # converted dataset; "" = <workdir>/data (converted on first run)
+    # Training mixture over converted corpora: ((dir, weight), ...); overrides d.dir when set.
+    # e.g. (("gs://b/cxr/mimic_cxr_jpg", 0.4), ("gs://b/cxr/chexpert", 0.3), ("gs://b/cxr/nih", 0.3))
+    d.mixture = ()
     d.source = "phantom"       # what to convert when the dataset is missing
     d.num = 512                # phantom images to convert
     d.phantom_seed = 0

@@ -37,11 +37,14 @@ def data_dir(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
     return epath.Path(cfg.data.dir) if cfg.data.dir else workdir / "data"
 
 
-def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-    """Convert the phantom dataset into the workdir on first use (process 0 writes)."""
+def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
+    """The run's data: the ``data.mixture`` pairs, or one dataset directory, converting the
+    phantom dataset into the workdir on first use (process 0 writes)."""
+    if cfg.data.mixture:
+        return [(str(d), float(w)) for d, w in cfg.data.mixture]
     path = data_dir(cfg, workdir)
     if (path / "dataset_info.json").exists():
-        return path
+        return str(path)
     if cfg.data.dir:
         raise FileNotFoundError(f"data.dir={cfg.data.dir} holds no converted dataset "
                                 "(expected dataset_info.json; run python -m cxr_rf.data.convert)")
@@ -56,14 +59,14 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Pa
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("cxr_rf_data_ready")
-    return path
+    return str(path)
 
 
 def make_loader(cfg, path, split: str, *, train: bool):
     """The Grain loader of a split: shuffled with CFG dropout for training, fixed for eval."""
     d = cfg.data
     return pipeline.make_loader(
-        str(path), split, global_batch=cfg.train.batch_size, seed=cfg.seed,
+        path, split, global_batch=cfg.train.batch_size, seed=cfg.seed,
         resolution=d.resolution, report_len=d.report_len,
         cond_dropout=dict(d.cond_dropout) if train else None,
         worker_count=d.worker_count if train else 0, prefetch=d.prefetch, shuffle=train)

@@ -175,3 +175,35 @@ def test_errors(data_dir, tmp_path):
     example["image_png"] = schema.encode_image(np.zeros((8, 16), np.uint16))
     with pytest.raises(ValueError, match="not square"):
         pipeline.DecodeExample(RES).map(example)
+
+
+@pytest.fixture(scope="module")
+def second_dir(tmp_path_factory):
+    """A second dataset whose records have ids 24..31 (pixel values tell them apart)."""
+    out = tmp_path_factory.mktemp("pipe2") / "ds"
+    with convert.DatasetWriter(out, resolution=RES, num_shards=2) as w:
+        for i in range(N, 32):
+            w.add("train", make_record(i))
+    return str(out)
+
+
+def test_mixture_follows_weights_and_resumes(data_dir, second_dir):
+    mix = [(data_dir, 3.0), (second_dir, 1.0)]
+    batches = take(iter(loader(mix, cond_dropout={"sex": 0.3})), 50)
+    seen = [i for b in batches for i in ids(b)]
+    share = np.mean([i >= N for i in seen])
+    assert abs(share - 0.25) < 0.03, share                     # weights 3:1
+    assert set(seen) == set(range(32))     # every record of both sources
+    assert same(batches[:10], take(iter(loader(mix, cond_dropout={"sex": 0.3})), 10))
+    it = iter(loader(mix, cond_dropout={"sex": 0.3}))
+    take(it, 7)
+    fresh = iter(loader(mix, cond_dropout={"sex": 0.3}))
+    fresh.set_state(it.get_state())
+    assert same(take(fresh, 5), batches[7:12])
+
+
+def test_bad_mixture(data_dir):
+    with pytest.raises(ValueError, match="weight > 0"):
+        loader([(data_dir, 0.0)])
+    with pytest.raises(ValueError, match="endless stream"):
+        loader([(data_dir, 1.0), (data_dir, 1.0)], num_epochs=1)

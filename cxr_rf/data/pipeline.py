@@ -1,15 +1,16 @@
 """Grain input pipeline: converted TFDS ArrayRecord dataset -> per-process training batches.
 
-    source (tfds.builder_from_directory(dir).as_data_source(split), random access)
-      -> IndexSampler (shard by JAX process, seeded shuffle per epoch, epochs)
-      -> decode (PNG -> uint16 -> float32 [-1, 1], [R, R, 1]; condition tokens)
-      -> CFG dropout (RandomMap: per-record rng from the sampler, so deterministic)
-      -> Batch(global_batch // process_count)
+    per source: tfds.builder_from_directory(dir).as_data_source(split)  (random access)
+        -> shard by JAX process (strided) -> seeded shuffle, fresh each epoch -> repeat
+    -> mix the sources by weight (deterministic interleave; one source = no mix)
+    -> decode (PNG -> uint16 -> float32 [-1, 1], [R, R, 1]; condition tokens)
+    -> CFG dropout (random_map with a seed: per-record rng, so deterministic)
+    -> batch(global_batch // process_count) -> [mp_prefetch over worker processes]
 
 Batches: {"image": float32 [b, R, R, 1], "tokens": int32 [b, L], "findings": int8 [b, 14]}.
 
 Checkpointing the position in the stream: ``it = iter(loader)`` is a
-``grain.DataLoaderIterator``; ``it.get_state()`` (bytes) / ``it.set_state(state)`` capture and
+``grain.DatasetIterator``; ``it.get_state()`` (a dict) / ``it.set_state(state)`` capture and
 restore it exactly. Inside an Orbax CheckpointManager, save it beside the train state::
 
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -24,7 +25,7 @@ with the same arguments (dataset, seed, batch, process layout).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import grain
 from absl import flags as absl_flags
@@ -88,17 +89,49 @@ def _check_dropout(cond_dropout: Mapping[str, float] | None) -> dict[str, float]
     return probs
 
 
-def make_loader(data_dir: str, split: str, *, global_batch: int, seed: int, resolution: int,
-                report_len: int = 0, cond_dropout: Mapping[str, float] | None = None,
-                worker_count: int = 0, prefetch: int = 2, shuffle: bool = True,
-                num_epochs: int | None = None, process_index: int | None = None,
-                process_count: int | None = None,
-                drop_remainder: bool = True) -> grain.DataLoader:
-    """A Grain DataLoader yielding this process's slice of each global batch.
+def _source_dataset(data_dir: str, split: str, *, seed: int, shuffle: bool,
+                    num_epochs: int | None, process_index: int, process_count: int
+                    ) -> grain.MapDataset:
+    """One converted dataset: this process's records, shuffled per epoch, repeated."""
+    source = open_source(data_dir, split)
+    if len(source) < process_count:
+        raise ValueError(f"split {split!r} of {data_dir!r} has {len(source)} examples, fewer "
+                         f"than {process_count} processes")
+    # Shard first (strided, remainder dropped so every process takes the same number of
+    # steps), then shuffle: each epoch is a fresh seeded permutation of this process's slice.
+    usable = len(source) - len(source) % process_count
+    ds = grain.MapDataset.source(source)[:usable][process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
 
-    Every process sees a disjoint 1/process_count of the examples (the remainder dropped so
-    all processes take the same number of steps), reshuffled each epoch with ``seed``.
-    ``num_epochs=None`` repeats forever. ``process_index``/``process_count`` default to JAX's.
+
+def parse_mixture(data_dir: str | Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A dataset directory, or (directory, weight) pairs, as normalised (dir, weight) pairs."""
+    if isinstance(data_dir, (str, os.PathLike)):
+        return [(os.fspath(data_dir), 1.0)]
+    pairs = [(os.fspath(d), float(w)) for d, w in data_dir]
+    if not pairs or any(w <= 0 for _, w in pairs):
+        raise ValueError(f"a mixture needs one or more (dir, weight) pairs with weight > 0; "
+                         f"got {list(data_dir)!r}")
+    total = sum(w for _, w in pairs)
+    return [(d, w / total) for d, w in pairs]
+
+
+def make_loader(data_dir: str | Sequence[tuple[str, float]], split: str, *, global_batch: int,
+                seed: int, resolution: int, report_len: int = 0,
+                cond_dropout: Mapping[str, float] | None = None, worker_count: int = 0,
+                prefetch: int = 2, shuffle: bool = True, num_epochs: int | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                drop_remainder: bool = True) -> grain.IterDataset:
+    """A Grain dataset yielding this process's slice of each global batch; ``iter()`` it.
+
+    ``data_dir`` is one converted dataset or a mixture ``[(dir, weight), ...]``: each source is
+    sharded and shuffled on its own, then interleaved deterministically in proportion to the
+    weights. Every process sees a disjoint 1/process_count of each source, reshuffled every
+    epoch with ``seed``; ``num_epochs=None`` repeats forever. The iterator's
+    ``get_state``/``set_state`` (and Orbax via grain.checkpoint) resume it exactly.
+    ``process_index``/``process_count`` default to JAX's.
     """
     if process_index is None or process_count is None:
         import jax  # only needed for the defaults; tests pass both explicitly
@@ -119,26 +152,24 @@ def make_loader(data_dir: str, split: str, *, global_batch: int, seed: int, reso
     if worker_count < 0 or prefetch < 0:
         raise ValueError(f"worker_count and prefetch must be >= 0; got {worker_count}, {prefetch}")
     probs = _check_dropout(cond_dropout)
+    mixture = parse_mixture(data_dir)
+    if len(mixture) > 1 and num_epochs is not None:
+        raise ValueError("a mixture is an endless stream: use num_epochs=None")
     if worker_count > 0 and not absl_flags.FLAGS.is_parsed():
         # Grain's worker processes read absl flags; a program that never ran absl.app (pytest,
         # an argparse CLI, a notebook) would crash there, so settle for the flag defaults.
         absl_flags.FLAGS.mark_as_parsed()
 
-    source = open_source(data_dir, split)
-    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                        drop_remainder=True)
-    if len(source) < process_count:
-        raise ValueError(f"split {split!r} has {len(source)} examples, fewer than "
-                         f"{process_count} processes")
-    # The sampler and the loader take the same shard options: the loader asks for sampler
-    # positions i*count + index, the sampler maps them into this process's slice of records.
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs,
-        seed=int(seed))
-    ops: list[Any] = [DecodeExample(resolution, report_len)]
+    parts = [_source_dataset(d, split, seed=int(seed) + i, shuffle=shuffle,
+                             num_epochs=num_epochs, process_index=process_index,
+                             process_count=process_count) for i, (d, _) in enumerate(mixture)]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in mixture])
+    ds = ds.map(DecodeExample(resolution, report_len))
     if any(p > 0 for p in probs.values()):
-        ops.append(CondDropout(probs))
-    ops.append(grain.transforms.Batch(global_batch // process_count, drop_remainder=drop_remainder))
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                            worker_count=worker_count, worker_buffer_size=prefetch,
-                            shard_options=shard)
+        ds = ds.random_map(CondDropout(probs), seed=int(seed))
+    ds = ds.batch(global_batch // process_count, drop_remainder=drop_remainder)
+    it_ds = ds.to_iter_dataset()
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
+    return it_ds
