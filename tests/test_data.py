@@ -211,7 +211,8 @@ def test_cli_subprocess_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "python -m cxr_rf.data.convert: error: unknown source 'bogus'; valid: phantom"]
+        "python -m cxr_rf.data.convert: error: unknown source 'bogus'; valid: "
+        + ", ".join(convert.SOURCES)]
 
 
 def test_phantom_source_with_stand_in(tmp_path, monkeypatch):
@@ -225,7 +226,11 @@ def test_phantom_source_with_stand_in(tmp_path, monkeypatch):
             image=rec.image, findings=rec.findings, sex=rec.sex, age=None, race=rec.race,
             view=rec.view, site="s", patient_id=f"pat{index // 3}", study_id=f"st{index}",
             report="")
-    fake = types.SimpleNamespace(generate=generate)
+    def describe(seed, index):  # the metadata of generate(), without pixels
+        study = generate(seed, index, 16)
+        return {k: getattr(study, k) for k in ("findings", "sex", "age", "race", "view", "site",
+                                               "patient_id", "study_id", "report")}
+    fake = types.SimpleNamespace(generate=generate, describe=describe)
     monkeypatch.setitem(sys.modules, "cxr_rf.data.phantom", fake)
     monkeypatch.setattr(cxr_rf.data, "phantom", fake, raising=False)
     stats = convert.convert_phantom(tmp_path / "d", num=30, resolution=8, shards=2, salt="x")

@@ -1,346 +1,313 @@
-"""Convert a data source into a TFDS-format dataset of sharded ArrayRecord files.
+"""Convert a chest X-ray source into a TFDS-format dataset of sharded ArrayRecord files.
 
+    python -m cxr_rf.data.convert --source NAME --input RAW_DIR --output OUT_DIR --resolution R \\
+        [--workers N] [--max_reject_fraction F] [--fit pad|crop] [--salt SECRET]
     python -m cxr_rf.data.convert --source phantom --output DIR --num 512 --resolution 64
 
-The output opens with ``tfds.builder_from_directory(DIR)`` (no TensorFlow needed) and holds
-``{name}-{split}.array_record-XXXXX-of-YYYYY`` shards, ``dataset_info.json``, ``features.json``
-and ``stats.json`` (label and demographic marginals per split). A source is a callable in
-``SOURCES`` that takes ``SourceOptions`` and returns an iterator of ``(split, Record)``.
+How a conversion runs:
+  1. the source (``cxr_rf/data/sources/<name>.py``) lists Items from metadata only;
+  2. ``plan.make_plan`` assigns them to splits (official, else patient hash) and shards;
+  3. each shard's images are decoded, fitted and PNG-encoded by ``worker.process`` in a pool
+     of ``--workers`` processes; the shard is written under ``OUT/.work/`` and renamed when
+     complete, with a small JSON (counts, rejects) that marks it done;
+  4. at the end the shards get their TFDS names, then ``rejects.jsonl``, ``stats.json``,
+     ``stats.txt``, ``features.json`` and, last, ``dataset_info.json`` are written.
+A dataset is usable once ``dataset_info.json`` exists (``tfds.builder_from_directory(OUT)``).
+Rerunning an interrupted command resumes: finished shards are kept, the rest redone, and the
+result is identical to an uninterrupted run. If more than ``--max_reject_fraction`` of the
+inputs are rejected, nothing is published and the exit code is 1 (rerunning with a higher
+threshold publishes without redoing any work).
+
+``OUT/rejects.jsonl`` lists input paths, which can contain original ids: it is an operator's
+log, not part of the dataset; delete it before sharing a dataset.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
+import concurrent.futures
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
-from array_record.python import array_record_module
-from tensorflow_datasets.core import dataset_info as tfds_info
-from tensorflow_datasets.core import naming
 
-from cxr_rf import conditioning as cond
-from cxr_rf.data import schema
-from cxr_rf.data.schema import Record
+from cxr_rf.data import imaging, sources, worker
+from cxr_rf.data import stats as stats_lib
+from cxr_rf.data.plan import DEFAULT_SHARD_SIZE, SPLIT_FRACTIONS, Plan, Unit, make_plan, patient_split
+from cxr_rf.data.sources import Item, Reject, SourceError, SourceOptions
+from cxr_rf.data.stats import format_stats
+from cxr_rf.data.writer import INFO_FILES, NAME_RE, VERSION, DatasetWriter, publish_split, shard_writer, write_info
 
-VERSION = "1.0.0"
-DEFAULT_SALT = "cxr_rf"  # pass a secret --salt for real data: small id spaces are brute-forceable
-SPLIT_FRACTIONS = (("train", 0.90), ("validation", 0.05), ("test", 0.05))
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-# Files a converted dataset consists of; --overwrite deletes only these.
+__all__ = ["DatasetWriter", "SourceOptions", "SOURCES", "SPLIT_FRACTIONS", "UsageError",
+           "TooManyRejects", "convert", "convert_phantom", "format_stats", "main", "patient_split"]
+
+DEFAULT_SALT = sources.DEFAULT_SALT
+DEFAULT_MAX_REJECT_FRACTION = 0.01
+SOURCES = sources.SOURCES
+WORK = ".work"
+# What a conversion writes into OUT; --overwrite deletes only these.
 _OWN_FILES = re.compile(r"^([a-z][a-z0-9_]*-[a-z][a-z0-9_]*\.array_record-\d{5}-of-\d{5}"
-                        r"|dataset_info\.json|features\.json|stats\.json|metadata\.json)$")
-
-
-# ---------------------------------------------------------------- statistics
-
-def _empty_counts() -> dict[str, Any]:
-    return {
-        "count": 0,
-        "findings": {f: {s: 0 for s in cond.STATES} for f in cond.FINDINGS},
-        "sex": {v: 0 for v in cond.SEXES},
-        "age": {v: 0 for v in cond.AGE_BINS},
-        "race": {v: 0 for v in cond.RACES},
-        "view": {v: 0 for v in cond.VIEWS},
-        "source": {},  # sparse: a dataset usually holds one or two sources
-        "site": {},
-    }
-
-
-def _count(counts: dict[str, Any], record: Record) -> None:
-    counts["count"] += 1
-    for f, s in zip(cond.FINDINGS, record.findings):
-        counts["findings"][f][cond.STATES[s]] += 1
-    counts["age"][cond.AGE_BINS[cond.age_bin(record.age)]] += 1
-    for key in ("sex", "race", "view", "source", "site"):
-        value = getattr(record, key) or "unknown"
-        counts[key][value] = counts[key].get(value, 0) + 1
-
-
-def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    total = _empty_counts()
-    for part in parts:
-        total["count"] += part["count"]
-        for f, states in part["findings"].items():
-            for s, n in states.items():
-                total["findings"][f][s] += n
-        for key in ("sex", "age", "race", "view", "source", "site"):
-            for v, n in part[key].items():
-                total[key][v] = total[key].get(v, 0) + n
-    return total
-
-
-def format_stats(stats: dict[str, Any]) -> str:
-    """Human-readable table: split sizes, per-finding state counts, demographic marginals."""
-    lines = [f"{'split':<14}{'examples':>10}"]
-    for split, counts in stats["splits"].items():
-        lines.append(f"{split:<14}{counts['count']:>10}")
-    total = stats["total"]
-    lines += [f"{'total':<14}{total['count']:>10}", ""]
-    states = ("positive", "negative", "uncertain", "unmentioned")
-    lines.append(f"{'finding':<28}" + "".join(f"{s:>12}" for s in states))
-    for f in cond.FINDINGS:
-        lines.append(f"{f:<28}" + "".join(f"{total['findings'][f][s]:>12}" for s in states))
-    lines.append("")
-    for key in ("sex", "age", "race", "view", "source", "site"):
-        items = sorted(total[key].items(), key=lambda kv: -kv[1]) if key == "site" else total[key].items()
-        items = [(v, n) for v, n in items if n or key not in ("source", "site")]
-        shown = " | ".join(f"{v} {n}" for v, n in items[:10])
-        more = f" | ... {len(items) - 10} more" if len(items) > 10 else ""
-        lines.append(f"{key + ':':<8}{shown}{more}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- writer
-
-class DatasetWriter:
-    """Streams Records into a TFDS ArrayRecord dataset; publishes it atomically on close.
-
-    Records of each split go round-robin to ``num_shards`` ArrayRecord writers, so memory stays
-    bounded whatever the dataset size. Files are written to a hidden sibling directory and
-    renamed to ``out_dir`` only when complete: a reader (or a trainer that converts on first
-    run) never sees a half-written dataset. Leaving the ``with`` block by an exception deletes
-    the partial output.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, *, name: str = "cxr", resolution: int,
-                 num_shards: int, description: str = ""):
-        if not _NAME_RE.match(name):
-            raise ValueError(f"dataset name must match {_NAME_RE.pattern}; got {name!r}")
-        for what, v in (("resolution", resolution), ("num_shards", num_shards)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{what} must be a positive int; got {v!r}")
-        self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            raise FileExistsError(f"output {self.out_dir} exists and is not an empty directory")
-        self.name, self.resolution, self.num_shards = name, int(resolution), int(num_shards)
-        self.description = description
-        self.stats: dict[str, Any] | None = None
-        self._feats = schema.features()
-        self._tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-        self._tmp.mkdir(parents=True)
-        self._writers: dict[str, list[Any]] = {}
-        self._lengths: dict[str, list[int]] = {}
-        self._counts: dict[str, dict[str, Any]] = {}
-        self._open = True
-
-    def __enter__(self) -> "DatasetWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def _tmp_shard(self, split: str, i: int) -> Path:
-        return self._tmp / f"{split}.shard{i:05d}.tmp"
-
-    def add(self, split: str, record: Record) -> None:
-        """Append one record to ``split`` (resized to resolution x resolution if needed)."""
-        if not self._open:
-            raise ValueError("DatasetWriter is closed")
-        if not _NAME_RE.match(split):
-            raise ValueError(f"split name must match {_NAME_RE.pattern}; got {split!r}")
-        if not isinstance(record, Record):
-            raise ValueError(f"DatasetWriter.add needs a schema.Record; got {type(record).__name__}")
-        if record.image.shape != (self.resolution, self.resolution):
-            record = dataclasses.replace(
-                record, image=schema.resize_image(record.image, self.resolution))
-        if split not in self._writers:
-            self._writers[split] = [
-                # group_size:1 makes every record independently seekable (random access).
-                array_record_module.ArrayRecordWriter(str(self._tmp_shard(split, i)), "group_size:1")
-                for i in range(self.num_shards)]
-            self._lengths[split] = [0] * self.num_shards
-            self._counts[split] = _empty_counts()
-        n = self._counts[split]["count"]
-        self._writers[split][n % self.num_shards].write(schema.to_bytes(record, self._feats))
-        self._lengths[split][n % self.num_shards] += 1
-        _count(self._counts[split], record)
-
-    def _close_writers(self) -> None:
-        for writers in self._writers.values():
-            for w in writers:
-                w.close()
-        self._writers = {}
-        self._open = False
-
-    def abort(self) -> None:
-        """Discard everything written so far."""
-        self._close_writers()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def close(self) -> dict[str, Any]:
-        """Finish the shards, write TFDS metadata and stats.json, publish; returns the stats."""
-        if not self._open:
-            if self.stats is None:
-                raise ValueError("DatasetWriter was aborted")
-            return self.stats
-        self._close_writers()
-        if not self._lengths:
-            self.abort()
-            raise ValueError("no records were added; refusing to write an empty dataset")
-        try:
-            split_infos = [self._finish_split(split) for split in sorted(self._lengths)]
-            info = tfds.core.DatasetInfo(
-                builder=tfds_info.DatasetIdentity(
-                    name=self.name, version=tfds.core.Version(VERSION), data_dir=str(self._tmp),
-                    module_name=__name__),
-                description=self.description or f"cxr_rf chest radiographs, {self.resolution}px",
-                features=self._feats,
-                metadata=tfds.core.MetadataDict(resolution=self.resolution),
-                split_dict=tfds.core.SplitDict(split_infos),
-            )
-            info.set_file_format("array_record")
-            info.write_to_directory(self._tmp)
-            order = [s for s, _ in SPLIT_FRACTIONS if s in self._counts]
-            order += sorted(set(self._counts) - set(order))
-            self.stats = {
-                "name": self.name, "resolution": self.resolution,
-                "splits": {s: self._counts[s] for s in order},
-                "total": _merge([self._counts[s] for s in order]),
-            }
-            (self._tmp / "stats.json").write_text(json.dumps(self.stats, indent=1))
-            if self.out_dir.exists():
-                self.out_dir.rmdir()  # checked empty at start; rename cannot replace a directory
-            os.replace(self._tmp, self.out_dir)
-        except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            raise
-        return self.stats
-
-    def _finish_split(self, split: str) -> tfds.core.SplitInfo:
-        # Fewer records than shards leaves empty shards; drop them so every shard has data.
-        lengths = self._lengths[split]
-        kept = [i for i, n in enumerate(lengths) if n]
-        template = naming.ShardedFileTemplate(
-            data_dir=self._tmp, dataset_name=self.name, split=split, filetype_suffix="array_record")
-        num_bytes = 0
-        for i in range(self.num_shards):
-            if i not in kept:
-                self._tmp_shard(split, i).unlink()
-        for j, i in enumerate(kept):
-            final = template.sharded_filepath(shard_index=j, num_shards=len(kept))
-            os.replace(self._tmp_shard(split, i), final)
-            num_bytes += os.path.getsize(final)
-        return tfds.core.SplitInfo(name=split, shard_lengths=[lengths[i] for i in kept],
-                                   num_bytes=num_bytes, filename_template=template)
-
-
-# ---------------------------------------------------------------- sources
-
-@dataclasses.dataclass(frozen=True)
-class SourceOptions:
-    """What a source may need; each source checks the fields it uses."""
-    input_dir: str | None = None
-    num: int | None = None       # phantom: how many studies; raw sources: optional limit
-    resolution: int = 64
-    seed: int = 0
-    salt: str = DEFAULT_SALT
-
-
-def patient_split(patient_key: str) -> str:
-    """Deterministic patient-level split (train 90 / validation 5 / test 5) from any stable id."""
-    h = int.from_bytes(hashlib.sha256(f"split\x00{patient_key}".encode("utf-8")).digest()[:8], "big")
-    u = h / 2.0 ** 64
-    edge = 0.0
-    for split, frac in SPLIT_FRACTIONS:
-        edge += frac
-        if u < edge:
-            return split
-    return SPLIT_FRACTIONS[-1][0]
-
-
-def phantom_source(opts: SourceOptions) -> Iterator[tuple[str, Record]]:
-    """Procedural phantom studies (cxr_rf.data.phantom), split by patient."""
-    if opts.input_dir:
-        raise ValueError("the phantom source takes no --input")
-    if opts.num is None or opts.num <= 0:
-        raise ValueError(f"the phantom source needs --num > 0; got {opts.num}")
-    from cxr_rf.data import phantom  # imported late: only this source needs it
-    first = phantom.generate(opts.seed, 0, opts.resolution)  # its errors surface before writing
-
-    def gen() -> Iterator[tuple[str, Record]]:
-        for index in range(opts.num):
-            study = first if index == 0 else phantom.generate(opts.seed, index, opts.resolution)
-            age = -1.0 if study.age is None else float(study.age)
-            yield patient_split(str(study.patient_id)), Record(
-                image=study.image, findings=study.findings, sex=study.sex, age=age,
-                race=study.race, view=study.view, source="phantom", site=study.site,
-                patient_id=schema.hash_id(str(study.patient_id), opts.salt),
-                study_id=schema.hash_id(str(study.study_id), opts.salt), report=study.report)
-    return gen()
-
-
-# A source validates its options eagerly (before any output is created) and returns an iterator.
-SOURCES: dict[str, Callable[[SourceOptions], Iterator[tuple[str, Record]]]] = {
-    "phantom": phantom_source,
-}
-
-
-def _check_output(out_dir: Path, overwrite: bool) -> list[Path]:
-    """Files to delete before writing to ``out_dir``; raises if it may not be written."""
-    if not out_dir.exists():
-        return []
-    if not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} exists and is not a directory")
-    entries = list(out_dir.iterdir())
-    if entries and not overwrite:
-        raise ValueError(f"output {out_dir} is not empty (pass --overwrite to replace a converted dataset)")
-    foreign = [p.name for p in entries if not (p.is_file() and _OWN_FILES.match(p.name))]
-    if foreign:
-        raise ValueError(f"refusing to overwrite {out_dir}: it holds files that are not part of "
-                         f"a converted dataset ({', '.join(sorted(foreign)[:3])})")
-    return entries
+                        r"|dataset_info\.json|features\.json|stats\.json|stats\.txt|metadata\.json"
+                        r"|rejects\.jsonl)$")
 
 
 class UsageError(ValueError):
-    """Bad arguments or output location, detected before anything is written."""
+    """Bad arguments, input or output location, detected before anything is written."""
 
 
-def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *, shards: int = 4,
+class TooManyRejects(RuntimeError):
+    """More inputs were rejected than allowed; ``stats`` holds the summary (nothing published)."""
+
+    def __init__(self, message: str, stats: dict[str, Any]):
+        super().__init__(message)
+        self.stats = stats
+
+
+def _unit_done(name: str) -> None:
+    """Called after each finished shard; tests replace it to interrupt a conversion."""
+
+
+# ---------------------------------------------------------------- output directory
+
+def _output_state(out: Path, overwrite: bool) -> str:
+    """'fresh', 'unfinished' (a previous run's work to resume) or 'replace' (overwrite)."""
+    if not out.exists():
+        return "fresh"
+    if not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+    entries = list(out.iterdir())
+    if not entries:
+        return "fresh"
+    if (out / WORK).is_dir() and not (out / "dataset_info.json").exists():
+        return "unfinished"
+    if not overwrite:
+        raise UsageError(f"output {out} is not empty (pass --overwrite to replace a converted dataset)")
+    foreign = [p.name for p in entries
+               if not ((p.is_file() and _OWN_FILES.match(p.name)) or (p.name == WORK and p.is_dir()))]
+    if foreign:
+        raise UsageError(f"refusing to overwrite {out}: it holds files that are not part of "
+                         f"a converted dataset ({', '.join(sorted(foreign)[:3])})")
+    return "replace"
+
+
+def _clear(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name == WORK and p.is_dir():
+            shutil.rmtree(p)
+        elif p.is_file() and _OWN_FILES.match(p.name):
+            p.unlink()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- conversion
+
+def _entries(source: str, opts: SourceOptions) -> Iterator[Item | Reject]:
+    """The source's entries, stopped after ``opts.num`` Items when a limit is given."""
+    n = 0
+    for e in sources.get(source).items(opts.input_dir, opts):
+        yield e
+        n += isinstance(e, Item)
+        if opts.num is not None and n >= opts.num:
+            return
+
+
+def _check_args(source: str, opts: SourceOptions, shards: Any, shard_size: Any, workers: Any,
+                fit: str, max_reject_fraction: Any, name: str) -> None:
+    if source not in SOURCES:
+        raise UsageError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
+    if not _positive_int(opts.resolution) or opts.resolution % 8:
+        raise UsageError(f"resolution must be a positive multiple of 8; got {opts.resolution}")
+    for what, v in (("shards", shards), ("shard_size", shard_size), ("workers", workers)):
+        if v is not None and not _positive_int(v):
+            raise UsageError(f"{what} must be a positive int; got {v}")
+    if opts.num is not None and not _positive_int(opts.num):
+        raise UsageError(f"num must be a positive int; got {opts.num}")
+    if not NAME_RE.match(name):
+        raise UsageError(f"dataset name must match {NAME_RE.pattern}; got {name!r}")
+    if fit not in imaging.FITS:
+        raise UsageError(f"fit must be one of {', '.join(imaging.FITS)}; got {fit!r}")
+    if not (isinstance(max_reject_fraction, (int, float)) and 0.0 <= max_reject_fraction <= 1.0):
+        raise UsageError(f"max_reject_fraction must be in [0, 1]; got {max_reject_fraction}")
+    if source != "phantom":
+        if not opts.input_dir:
+            raise UsageError(f"source {source!r} needs --input RAW_DIR")
+        if not Path(opts.input_dir).is_dir():
+            raise UsageError(f"input directory {opts.input_dir} does not exist")
+
+
+def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
+            shards: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
+            fit: str = "pad", max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION,
             name: str = "cxr", overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Run ``SOURCES[source]`` into a dataset at ``out_dir``; returns the stats.
+    """Convert ``source`` into a dataset at ``out_dir`` (resuming unfinished work); returns the stats.
 
-    Raises UsageError for bad arguments (before touching the output), other errors while
-    converting (the partial output is removed).
+    Raises UsageError for bad arguments, input or output (before writing anything),
+    TooManyRejects when the reject fraction exceeds ``max_reject_fraction`` (the work is kept
+    for a rerun), other errors for failures while converting (the work is kept as well).
+    With ``workers > 1`` call it under ``if __name__ == "__main__":`` (worker processes
+    re-import the main script, as multiprocessing always does outside fork).
     """
+    _check_args(source, opts, shards, shard_size, workers, fit, max_reject_fraction, name)
+    out = Path(out_dir).absolute()
+    state = _output_state(out, overwrite)
     try:
-        if source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}; valid: {', '.join(sorted(SOURCES))}")
-        if not _positive_int(opts.resolution) or opts.resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8; got {opts.resolution}")
-        if not _positive_int(shards):
-            raise ValueError(f"shards must be a positive int; got {shards}")
-        if opts.num is not None and not _positive_int(opts.num):
-            raise ValueError(f"num must be a positive int; got {opts.num}")
-        if not _NAME_RE.match(name):
-            raise ValueError(f"dataset name must match {_NAME_RE.pattern}; got {name!r}")
-        out = Path(out_dir)
-        stale = _check_output(out, overwrite)
-        items = SOURCES[source](opts)  # a source checks its options eagerly
-    except ValueError as e:
+        plan = make_plan(_entries(source, opts), shards=shards, shard_size=shard_size, settings={
+            "version": VERSION, "source": source, "resolution": opts.resolution, "fit": fit,
+            "name": name, "salt": _digest(opts.salt), "seed": opts.seed})
+    except SourceError as e:
         raise UsageError(str(e)) from None
-    for p in stale:  # only after every check passed
-        p.unlink()
-    with DatasetWriter(out, name=name, resolution=opts.resolution, num_shards=shards,
-                       description=f"cxr_rf dataset converted from source {source!r}") as writer:
-        if progress:
-            from tqdm import tqdm
-            items = tqdm(items, total=opts.num, desc=f"convert {source}", unit="img", file=sys.stderr)
-        for split, record in items:
-            writer.add(split, record)
-    assert writer.stats is not None
-    return writer.stats
+    if not plan.units and not plan.rejects:
+        where = opts.input_dir or "the source"
+        raise UsageError(f"source {source!r} found no images in {where}")
+    work = out / WORK
+    if state == "unfinished":
+        try:
+            previous = json.loads((work / "plan.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            previous = None  # interrupted before its plan was written: nothing to keep
+        if previous is not None and previous != plan.fingerprint and not overwrite:
+            raise UsageError(f"output {out} holds an unfinished conversion of other input or "
+                             "settings (pass --overwrite to discard it)")
+        if previous != plan.fingerprint:
+            state = "replace"
+    if state == "replace":
+        _clear(out)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "plan.json").exists():
+        _write_atomic(work / "plan.json", json.dumps(
+            {"fingerprint": plan.fingerprint, "units": [u.name for u in plan.units]}))
+    cfg = worker.WorkerConfig(source=source, salt=opts.salt, resolution=opts.resolution, fit=fit)
+    pending = [u for u in plan.units if not _is_done(work, u)]
+    _run(pending, work, cfg, workers, total=plan.num_items,
+         done=plan.num_items - sum(len(u.items) for u in pending),
+         progress=progress, desc=f"convert {source}")
+    return _finish(plan, out, name=name, resolution=opts.resolution, source=source,
+                   max_reject_fraction=max_reject_fraction)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()  # the salt itself is never stored
+
+
+def _is_done(work: Path, unit: Unit) -> bool:
+    return (work / f"{unit.name}.json").exists() and (work / f"{unit.name}.array_record").exists()
+
+
+def _ordered(fn, items: Iterator[Item], executor, window: int) -> Iterator[Any]:
+    """``map(fn, items)`` on the executor, in input order, with at most ``window`` in flight.
+
+    Input order makes the output independent of the number of workers; the window bounds
+    memory however long the source. A worker that dies raises BrokenProcessPool here
+    instead of hanging the conversion.
+    """
+    in_flight: collections.deque = collections.deque()
+    for item in items:
+        in_flight.append(executor.submit(fn, item))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def _run(pending: list[Unit], work: Path, cfg: worker.WorkerConfig, workers: int, *,
+         total: int, done: int, progress: bool, desc: str) -> None:
+    """Convert the pending units in order; each is published into ``work`` when complete."""
+    if not pending:
+        return
+    from tqdm import tqdm
+    items = (item for unit in pending for item in unit.items)
+    fn = functools.partial(worker.process, cfg)
+    executor = None
+    if workers > 1:
+        # forkserver: workers fork from a clean server process, never from a parent that may
+        # hold threads (JAX, Grain) that fork would copy in a locked state.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["cxr_rf.data.worker"])
+        executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
+        results = map(fn, items) if executor is None else _ordered(fn, items, executor, 8 * workers)
+        with tqdm(total=total, initial=done, desc=desc, unit="img", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for unit in pending:
+                _write_unit(unit, results, work, bar)
+                _unit_done(unit.name)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_unit(unit: Unit, results: Iterator[Any], work: Path, bar) -> None:
+    tmp = work / f"{unit.name}.array_record.tmp"
+    counts = stats_lib.empty_counts()
+    rejects: list[list[str]] = []
+    w = shard_writer(tmp)
+    try:
+        for _ in unit.items:
+            res = next(results)
+            if isinstance(res, Reject):
+                rejects.append([res.path, res.reason])
+            else:
+                w.write(res.example)
+                stats_lib.count(counts, res.meta)
+            bar.update(1)
+    finally:
+        w.close()
+    os.replace(tmp, work / f"{unit.name}.array_record")
+    _write_atomic(work / f"{unit.name}.json", json.dumps(
+        {"records": counts["count"], "counts": counts, "rejects": rejects}))
+
+
+def _finish(plan: Plan, out: Path, *, name: str, resolution: int, source: str,
+            max_reject_fraction: float) -> dict[str, Any]:
+    """Reports always; the dataset only when the rejects are within the threshold."""
+    work = out / WORK
+    docs = {u.name: json.loads((work / f"{u.name}.json").read_text()) for u in plan.units}
+    rejects = [[r.path, r.reason] for r in plan.rejects]
+    rejects += [r for u in plan.units for r in docs[u.name]["rejects"]]
+    summary = stats_lib.summarize_rejects((r for _, r in rejects), plan.num_items + len(plan.rejects))
+    per_split: dict[str, list[Unit]] = {}
+    for u in plan.units:
+        per_split.setdefault(u.split, []).append(u)
+    counts = {split: stats_lib.merge(docs[u.name]["counts"] for u in units)
+              for split, units in per_split.items()}
+    stats = stats_lib.build(name, resolution, {s: c for s, c in counts.items() if c["count"]}, summary)
+    _write_atomic(out / "rejects.jsonl",
+                  "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejects))
+    _write_atomic(out / "stats.txt", format_stats(stats) + "\n")
+    if summary["fraction"] > max_reject_fraction:
+        raise TooManyRejects(
+            f"{summary['count']} of {summary['inputs']} inputs rejected "
+            f"({100 * summary['fraction']:.2f}% > {100 * max_reject_fraction:g}%); see "
+            f"{out / 'rejects.jsonl'}; nothing published (rerun with a higher "
+            "--max_reject_fraction to publish)", stats)
+    if not stats["total"]["count"]:
+        raise ValueError(f"no image could be converted; see {out / 'rejects.jsonl'}")
+    infos = [publish_split(out, name, split, [(work / f"{u.name}.array_record", docs[u.name]["records"])
+                                              for u in units])
+             for split, units in per_split.items() if counts[split]["count"]]
+    _write_atomic(out / "stats.json", json.dumps(stats, indent=1))
+    meta = work / "meta"
+    shutil.rmtree(meta, ignore_errors=True)
+    meta.mkdir()
+    write_info(meta, name=name, resolution=resolution, split_infos=infos,
+               description=f"cxr_rf dataset converted from source {source!r}")
+    for f in INFO_FILES:  # dataset_info.json last: its presence means "complete"
+        os.replace(meta / f, out / f)
+    shutil.rmtree(work)
+    return stats
 
 
 def _positive_int(v: Any) -> bool:
@@ -349,11 +316,11 @@ def _positive_int(v: Any) -> bool:
 
 def convert_phantom(out_dir: str | os.PathLike, *, num: int, resolution: int, seed: int = 0,
                     shards: int = 4, salt: str = DEFAULT_SALT, overwrite: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, workers: int = 1) -> dict[str, Any]:
     """Convert ``num`` phantom studies into ``out_dir`` (used by the trainer on first run)."""
     return convert("phantom", out_dir, SourceOptions(num=num, resolution=resolution, seed=seed,
                                                      salt=salt),
-                   shards=shards, overwrite=overwrite, progress=progress)
+                   shards=shards, overwrite=overwrite, progress=progress, workers=workers)
 
 
 # ---------------------------------------------------------------- CLI
@@ -365,38 +332,59 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m cxr_rf.data.convert",
-                description="Convert a chest X-ray source into a TFDS ArrayRecord dataset.")
-    p.add_argument("--source", required=True, help=f"one of: {', '.join(sorted(SOURCES))}")
+                description="Convert a chest X-ray source into a TFDS ArrayRecord dataset "
+                            "(resumes an interrupted conversion into the same --output).")
+    p.add_argument("--source", required=True, help=f"one of: {', '.join(SOURCES)}")
     p.add_argument("--output", required=True, help="output directory (created; must be empty)")
-    p.add_argument("--input", default=None, help="raw dataset directory (real sources)")
+    p.add_argument("--input", default=None, help="raw dataset directory (every source but phantom)")
+    p.add_argument("--resolution", type=int, required=True, help="output side in pixels (multiple of 8)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    p.add_argument("--max_reject_fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION,
+                   help="fail (exit 1, publish nothing) when more inputs than this are rejected")
+    p.add_argument("--fit", choices=imaging.FITS, default="pad",
+                   help="pad (default: keep the whole film, black borders) or crop to a square")
+    p.add_argument("--labels", default=None,
+                   help="dicom_dir: CSV of CheXpert-named label columns keyed by file name or SOPInstanceUID")
     p.add_argument("--num", type=int, default=None,
                    help="phantom: number of studies; real sources: optional limit")
-    p.add_argument("--resolution", type=int, required=True, help="output side in pixels (multiple of 8)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
-    p.add_argument("--shards", type=int, default=4, help="ArrayRecord shards per split")
-    p.add_argument("--salt", default=DEFAULT_SALT, help="salt for hashing patient/study ids")
+    p.add_argument("--shards", type=int, default=None,
+                   help=f"ArrayRecord shards per split (default: one per {DEFAULT_SHARD_SIZE} images)")
+    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="images per shard when --shards is not given")
+    p.add_argument("--salt", default=DEFAULT_SALT, help="secret salt for hashing patient/study ids")
     p.add_argument("--name", default="cxr", help="TFDS dataset name (file prefix)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset (or discard unfinished work of other settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (2 = bad arguments, 1 = conversion failed)."""
+    """CLI entry point; returns the exit code (2 = bad arguments/input, 1 = conversion failed)."""
     parser = _parser()
     args = parser.parse_args(argv)
     opts = SourceOptions(input_dir=args.input, num=args.num, resolution=args.resolution,
-                         seed=args.seed, salt=args.salt)
+                         seed=args.seed, salt=args.salt, labels_csv=args.labels)
     try:
-        stats = convert(args.source, args.output, opts, shards=args.shards, name=args.name,
+        stats = convert(args.source, args.output, opts, shards=args.shards,
+                        shard_size=args.shard_size, workers=args.workers, fit=args.fit,
+                        max_reject_fraction=args.max_reject_fraction, name=args.name,
                         overwrite=args.overwrite, progress=not args.no_progress)
     except UsageError as e:
         parser.error(str(e))
-    except (ValueError, OSError) as e:
+    except TooManyRejects as e:
+        print(format_stats(e.stats))
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(format_stats(stats))
     print(f"wrote {stats['total']['count']} examples to {Path(args.output).absolute()}")
+    if args.salt == DEFAULT_SALT and args.source != "phantom":
+        print("note: ids were hashed with the public default salt; pass --salt SECRET for "
+              "data that leaves your site")
     return 0
 
 

@@ -35,7 +35,7 @@ from cxr_rf.data.phantom import report as phantom_report
 from cxr_rf.data.phantom import site as phantom_site
 from cxr_rf.data.phantom.patients import OVERRIDES, SITES, sample_study
 
-__all__ = ["SITES", "OVERRIDES", "PhantomStudy", "generate", "measure", "truth_masks"]
+__all__ = ["SITES", "OVERRIDES", "PhantomStudy", "describe", "generate", "measure", "truth_masks"]
 
 _MIN_RENDER = 128     # small images are rendered at >= 128 px and box-downsampled
 
@@ -73,7 +73,7 @@ def generate(seed: int, index: int, resolution: int, **overrides) -> PhantomStud
     if k > 1:    # box filter: the anti-aliased mean attenuation of each output pixel
         A = A.reshape(n, k, n, k).mean((1, 3))
     image = phantom_site.expose(A, st.site, st.exposure_u, np.random.default_rng([seed, index, 2]))
-    codes = phantom_report.labels(st.present, st.label_u)
+    meta = _metadata(seed, index, st)
     ctr, heart, thorax = st.anatomy.truth_ctr()
     eff = st.details["effusion"]
     truth = {
@@ -84,11 +84,24 @@ def generate(seed: int, index: int, resolution: int, **overrides) -> PhantomStud
         "field": phantom_site.field_box(st.site, st.exposure_u, n),
         "details": st.details,
     }
+    return PhantomStudy(image=image, truth=truth, **meta)
+
+
+def describe(seed: int, index: int, **overrides) -> dict:
+    """The metadata fields of ``generate(seed, index, R, **overrides)`` without rendering.
+
+    Keys: findings, sex, age, race, view, site, patient_id, study_id, report. Cheap (no
+    pixels), so a converter can plan splits before workers render the images.
+    """
+    return _metadata(seed, index, sample_study(int(seed), int(index), overrides))
+
+
+def _metadata(seed: int, index: int, st) -> dict:
+    codes = phantom_report.labels(st.present, st.label_u)
     patient_id = f"phantom-{seed}-{st.patient}"
-    return PhantomStudy(image=image, findings=codes, sex=st.sex, age=st.age, race=st.race,
-                        view=st.view, site=st.site, patient_id=patient_id,
-                        study_id=f"{patient_id}-{index}", report=phantom_report.report(st, codes),
-                        truth=truth)
+    return dict(findings=codes, sex=st.sex, age=st.age, race=st.race, view=st.view,
+                site=st.site, patient_id=patient_id, study_id=f"{patient_id}-{index}",
+                report=phantom_report.report(st, codes))
 
 
 def truth_masks(seed: int, index: int, resolution: int, **overrides) -> dict[str, np.ndarray]:

@@ -1,0 +1,72 @@
+"""Raw chest X-ray corpora as streams of ``Item``s for ``cxr_rf.data.convert``.
+
+A source module ``cxr_rf/data/sources/<name>.py`` reads only metadata (CSV, XML, DICOM headers
+read with ``stop_before_pixels``) and yields, in a deterministic order, one ``Item`` per image
+it can use and one ``Reject`` per row or file it cannot. Pixels are decoded later, in worker
+processes, by ``cxr_rf.data.imaging``; ids are salted and hashed by the converter, so a source
+never needs the salt and never has to be trusted with privacy.
+
+Each module defines ``NAME`` (a ``conditioning.SOURCES`` value), ``items(input_dir, opts)`` and
+``MAPPING`` (a markdown table of how its labels map onto the shared vocabulary). A module may
+also define ``load(item, resolution, fit) -> uint16 [R, R]`` to produce pixels itself (the
+phantom source does: it has no files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+import numpy as np
+
+from cxr_rf.data.sources.common import SourceError, chexpert_state, read_csv, require_columns
+
+__all__ = ["Item", "Reject", "SourceError", "SourceOptions", "SOURCES", "get", "read_csv",
+           "require_columns", "chexpert_state"]
+
+DEFAULT_SALT = "cxr_rf"  # pass a secret --salt for real data: small id spaces are brute-forceable
+SOURCES: tuple[str, ...] = ("phantom", "mimic_cxr_jpg", "chexpert", "nih_cxr14", "padchest",
+                            "vindr_cxr", "brax", "rexgradient", "openi", "dicom_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to convert: where its pixels are, plus every other Record field already harmonised."""
+    path: str                      # image file path (DICOM/PNG/JPEG), or "<scheme>://..." for a source's own load()
+    split: str | None              # "train" | "validation" | "test", or None = assign by patient hash
+    findings: np.ndarray           # int8[14] conditioning STATES codes
+    sex: str = "unknown"
+    age: float = -1.0
+    race: str = "unknown"
+    view: str = "unknown"
+    source: str = "unknown"
+    site: str = ""
+    patient_id: str = ""           # RAW id (the converter salts+hashes it; sources never hash)
+    study_id: str = ""             # RAW id
+    report: str = ""
+    dicom_meta: bool = False       # True: fill sex/age/view from the DICOM header when they are unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    """Something a source could not turn into an Item; the conversion records it and goes on."""
+    path: str                      # file or CSV row reference, e.g. "train.csv:row 17"
+    reason: str
+
+
+def get(name: str) -> ModuleType:
+    """The source module called ``name`` (imported on first use, so unused sources cost nothing)."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; valid: {', '.join(SOURCES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """What a source may need; each source checks the fields it uses."""
+    input_dir: str | None = None
+    num: int | None = None            # phantom: how many studies; raw sources: optional limit
+    resolution: int = 64
+    seed: int = 0                     # phantom seed
+    salt: str = DEFAULT_SALT          # used by the converter only: sources never hash
+    labels_csv: str | None = None     # dicom_dir: optional CSV of labels

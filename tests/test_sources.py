@@ -1,0 +1,298 @@
+"""Raw-corpus sources: each reads a tiny fixture in its real on-disk layout (tests/fixtures_sources.py)."""
+import os
+import re
+
+import numpy as np
+import pytest
+
+import fixtures_sources as fx
+from cxr_rf import conditioning as cond
+from cxr_rf.data import sources
+from cxr_rf.data.sources import Item, Reject, SourceError
+
+P, N, U, X = cond.POSITIVE, cond.NEGATIVE, cond.UNCERTAIN, cond.UNMENTIONED
+REAL = ("mimic_cxr_jpg", "chexpert", "nih_cxr14", "padchest", "vindr_cxr", "brax", "rexgradient", "openi")
+MAKERS = {"mimic_cxr_jpg": fx.make_mimic, "chexpert": fx.make_chexpert, "nih_cxr14": fx.make_nih,
+          "padchest": fx.make_padchest, "vindr_cxr": fx.make_vindr, "brax": fx.make_brax,
+          "rexgradient": fx.make_rexgradient, "openi": fx.make_openi}
+
+
+def run(name, input_dir):
+    out = list(sources.get(name).items(input_dir, None))
+    items = [e for e in out if isinstance(e, Item)]
+    rejects = [e for e in out if isinstance(e, Reject)]
+    assert len(items) + len(rejects) == len(out)
+    return items, rejects
+
+
+def states(item, **expected):
+    """Assert finding states by name (underscores for spaces); all others must be unmentioned."""
+    want = np.zeros(14, np.int8)
+    for k, v in expected.items():
+        want[cond.FINDINGS.index(k.replace("_", " "))] = v
+    assert item.findings.dtype == np.int8 and item.findings.tolist() == want.tolist(), \
+        dict(zip(cond.FINDINGS, item.findings.tolist()))
+
+
+def by_name(items):
+    return {os.path.basename(i.path): i for i in items}
+
+
+def reasons(rejects):
+    return " | ".join(f"{r.path}: {r.reason}" for r in rejects)
+
+
+def check_common(name, items):
+    """Invariants every source keeps: valid vocab, source tag, files exist, one split per patient."""
+    patient_split = {}
+    for it in items:
+        assert it.source == name and it.sex in cond.SEXES and it.race in cond.RACES and it.view in cond.VIEWS
+        assert it.age == -1.0 or 0 <= it.age < 150
+        assert it.split in (None, "train", "validation", "test") and it.patient_id and os.path.isfile(it.path)
+        assert patient_split.setdefault(it.patient_id, it.split) == it.split, it.patient_id
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_mapping_table_names_valid_findings(name):
+    mod = sources.get(name)
+    assert mod.NAME == name and name in cond.SOURCES
+    rows = [line for line in mod.MAPPING.split("\n\n")[0].splitlines()[2:] if line.startswith("|")]
+    assert rows, f"{name}.MAPPING has no label rows"
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 3, line
+        for finding in cells[1].split(", "):
+            assert finding == "—" or finding in cond.FINDINGS, f"{name}: {finding!r} in {line!r}"
+    assert "| view |" in mod.MAPPING and "| split |" in mod.MAPPING
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("mimic_cxr_jpg", "mimic-cxr-2.0.0-metadata.csv"), ("chexpert", "train.csv"),
+    ("nih_cxr14", "Data_Entry_2017.csv"), ("padchest", "PADCHEST_chest_x_ray_images_labels_160K"),
+    ("vindr_cxr", "image_labels_train.csv"), ("brax", "master_spreadsheet_update.csv"),
+    ("rexgradient", "train_metadata.csv"), ("openi", "ecgen-radiology")])
+def test_empty_input_names_expected_file(tmp_path, name, expected):
+    with pytest.raises(SourceError, match=re.escape(expected)):
+        list(sources.get(name).items(str(tmp_path), None))
+
+
+def test_missing_required_column_is_named(tmp_path):
+    fx.write_csv(str(tmp_path / "master_spreadsheet_update.csv"), ["PatientID", "PngPath"], [["1", "a.png"]])
+    with pytest.raises(SourceError, match="master_spreadsheet_update.csv lacks required column.*PatientSex"):
+        list(sources.get("brax").items(str(tmp_path), None))
+
+
+def test_mimic(tmp_path):
+    items, rejects = run("mimic_cxr_jpg", fx.make_mimic(str(tmp_path)))
+    check_common("mimic_cxr_jpg", items)
+    it = by_name(items)
+    assert sorted(it) == ["d1.jpg", "d2.jpg", "d3.jpg", "d4.jpg", "d8.jpg"], reasons(rejects)
+    assert len(rejects) == 3
+    assert any(r.path.endswith("d5.jpg") and "not found" in r.reason for r in rejects)
+    assert any("row 3" in r.reason and "Cardiomegaly='2.0'" in r.reason for r in rejects)
+    assert any("row 7" in r.path and "validation" in r.reason for r in rejects)
+    d1 = it["d1.jpg"]
+    states(d1, Cardiomegaly=P, Edema=U, Pleural_Effusion=N)
+    assert (d1.split, d1.view, d1.sex, d1.age, d1.race) == ("train", "PA", "F", 60.0, "White")
+    assert d1.report == "FINDINGS: Enlarged heart. Trace fluid.\nIMPRESSION: Cardiomegaly."
+    assert (d1.patient_id, d1.study_id) == ("10000032", "50414267")
+    assert it["d2.jpg"].view == "LATERAL" and it["d2.jpg"].report == d1.report
+    d3 = it["d3.jpg"]  # no label row -> unmentioned; not in split.csv -> the patient's split
+    states(d3)
+    assert (d3.split, d3.view, d3.age) == ("train", "LATERAL", 62.0)
+    d4 = it["d4.jpg"]
+    states(d4, No_Finding=P)
+    assert (d4.split, d4.view, d4.sex, d4.age, d4.race) == ("validation", "AP", "M", 45.0, "Black")
+    assert d4.report == "No acute cardiopulmonary process."
+    d8 = it["d8.jpg"]
+    assert (d8.sex, d8.age, d8.race, d8.split) == ("unknown", -1.0, "unknown", "train")
+
+
+def test_mimic_without_optional_tables(tmp_path):
+    d = fx.make_mimic(str(tmp_path))
+    for f in ("hosp/patients.csv.gz", "hosp/admissions.csv.gz"):
+        os.remove(os.path.join(d, f))
+    items, _ = run("mimic_cxr_jpg", d)
+    assert {(i.sex, i.age, i.race) for i in items} == {("unknown", -1.0, "unknown")}
+
+
+def test_chexpert(tmp_path):
+    items, rejects = run("chexpert", fx.make_chexpert(str(tmp_path)))
+    check_common("chexpert", items)
+    assert len(items) == 4 and len(rejects) == 3, reasons(rejects)
+    assert any(r.path == "train.csv:row 4" and "Cardiomegaly='2.0'" in r.reason for r in rejects)
+    assert any("patient00004" in r.path and "not found" in r.reason for r in rejects)
+    assert any(r.path == "valid.csv:row 2" and "train" in r.reason for r in rejects)
+    a, b, c, v = items
+    states(a, Cardiomegaly=N, Pleural_Effusion=U, Support_Devices=P)
+    assert (a.split, a.sex, a.age, a.view, a.race) == ("train", "F", 68.0, "AP", "White")
+    assert (a.patient_id, a.study_id) == ("patient00001", "patient00001/study1")
+    assert a.report == "FINDINGS: Lines and tubes in place.\nIMPRESSION: Possible effusion."
+    assert (b.view, b.report, b.race) == ("LATERAL", "", "unknown")
+    assert (c.age, c.sex, c.view) == (-1.0, "M", "PA")  # Age 0 means missing
+    states(v, **{f.replace(" ", "_"): N for f in cond.FINDINGS if f != "Edema"}, Edema=P)
+    assert (v.split, v.race, v.report) == ("validation", "Black", "IMPRESSION: Mild edema.")
+
+
+def test_nih(tmp_path):
+    d = fx.make_nih(str(tmp_path))
+    from cxr_rf.data.sources.common import read_csv
+    header = read_csv(os.path.join(d, "Data_Entry_2017.csv"))[0].keys()
+    assert {"OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"} <= set(header)
+    items, rejects = run("nih_cxr14", d)
+    check_common("nih_cxr14", items)
+    it = by_name(items)
+    assert sorted(it) == ["00000001_000.png", "00000001_001.png", "00000001_002.png", "00000002_000.png",
+                          "00000003_000.png", "00000007_000.png"], reasons(rejects)
+    assert len(rejects) == 4
+    text = reasons(rejects)
+    assert "unknown label 'Foo'" in text and "00000005_000.png: image file not found" in text
+    assert "patient 3 is also in the official test split" in text and "listed in both" in text
+    states(it["00000001_000.png"], No_Finding=N, Cardiomegaly=P)
+    states(it["00000001_001.png"], No_Finding=N, Cardiomegaly=P)  # Emphysema ignored
+    x = it["00000001_002.png"]
+    states(x, No_Finding=N, Lung_Opacity=P, Lung_Lesion=P, Pleural_Effusion=P, Pleural_Other=P)
+    assert (x.age, x.view, x.sex, x.split, x.study_id) == (58.0, "AP", "M", "train", "00000001_002")
+    nf = it["00000002_000.png"]
+    covered = ("Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
+               "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other")
+    states(nf, No_Finding=P, **{f.replace(" ", "_"): N for f in covered})
+    h = it["00000003_000.png"]
+    states(h)  # Hernia only: nothing CheXpert can say
+    assert (h.split, h.age, h.sex) == ("test", -1.0, "F")
+    assert it["00000007_000.png"].split is None
+
+
+def test_padchest(tmp_path):
+    items, rejects = run("padchest", fx.make_padchest(str(tmp_path)))
+    check_common("padchest", items)
+    it = by_name(items)
+    assert sorted(it) == ["i1.png", "i2.png", "i3.png", "i4.png", "i8.png"], reasons(rejects)
+    text = reasons(rejects)
+    assert len(rejects) == 3 and "EXCLUDE" in text and "not a list literal" in text and "i7.png" in text
+    from PIL import Image
+    with Image.open(it["i1.png"].path) as im:  # the fixture really is 16-bit
+        assert im.mode in ("I;16", "I") and np.asarray(im).max() > 255
+    i1 = it["i1.png"]
+    states(i1, No_Finding=N, Cardiomegaly=P, Pleural_Effusion=P, Support_Devices=P)
+    assert (i1.view, i1.sex, i1.age, i1.split, i1.patient_id, i1.study_id) == ("PA", "M", 76.0, None, "pa1", "st1")
+    assert i1.report == "derrame pleural"
+    pathologies = [f for f in cond.FINDINGS if f not in ("No Finding", "Support Devices")]
+    states(it["i2.png"], No_Finding=P, **{f.replace(" ", "_"): N for f in pathologies})
+    assert it["i2.png"].view == "LATERAL"
+    states(it["i3.png"], No_Finding=N, Lung_Lesion=P)  # ' nodule' trimmed, '' and unmapped ignored
+    assert (it["i3.png"].view, it["i3.png"].age) == ("AP", -1.0)
+    states(it["i4.png"], No_Finding=N, Fracture=P)
+    assert it["i4.png"].view == "unknown"  # COSTAL
+    states(it["i8.png"])
+    assert (it["i8.png"].sex, it["i8.png"].view, it["i8.png"].age) == ("unknown", "unknown", 57.0)
+
+
+def test_vindr(tmp_path):
+    items, rejects = run("vindr_cxr", fx.make_vindr(str(tmp_path)))
+    check_common("vindr_cxr", items)
+    it = {i.patient_id: i for i in items}
+    assert sorted(it) == ["imgA", "imgB", "imgC", "imgE"], reasons(rejects)
+    text = reasons(rejects)
+    assert len(rejects) == 3 and "image_labels_train.csv:row 7" in text and "Edema='2'" in text
+    assert "imgD.dicom" in text and "image_labels_test.csv:imgA" in text
+    neg = {f.replace(" ", "_"): N for f in cond.FINDINGS if f != "Support Devices"}
+    # A: cardiomegaly 2/3 and fracture 2/3 (rib, clavicle: one vote per reader), aortic 1/3.
+    states(it["imgA"], **{**neg, "Cardiomegaly": P, "Fracture": P, "Enlarged_Cardiomediastinum": U})
+    states(it["imgB"], **{**neg, "No_Finding": P})
+    states(it["imgC"], **{**neg, "No_Finding": N, "Lung_Lesion": U})  # 1 of 2 valid readers
+    states(it["imgE"], **{**neg, "Pneumothorax": P})
+    assert {i.split for i in items} == {"train", "test"} and it["imgE"].split == "test"
+    assert all(i.dicom_meta and i.view == "PA" and i.path.endswith(".dicom") for i in items)
+
+
+def test_brax(tmp_path):
+    items, rejects = run("brax", fx.make_brax(str(tmp_path)))
+    check_common("brax", items)
+    assert len(items) == 3 and len(rejects) == 2, reasons(rejects)
+    assert "Fracture='yes'" in reasons(rejects) and "not found" in reasons(rejects)
+    a, b, c = items
+    states(a, Cardiomegaly=P, Edema=U)
+    assert (a.sex, a.age, a.view, a.study_id, a.split, a.dicom_meta) == ("M", 58.0, "PA", "acc1", None, False)
+    assert (b.age, b.view) == (85.0, "LATERAL")
+    assert c.path.endswith(".dcm") and c.dicom_meta and (c.sex, c.age, c.view) == ("unknown", 24.5, "AP")
+
+
+def test_rexgradient(tmp_path):
+    items, rejects = run("rexgradient", fx.make_rexgradient(str(tmp_path)))
+    check_common("rexgradient", items)
+    assert len(items) == 4 and len(rejects) == 2, reasons(rejects)
+    assert "1.2.3.3.png" in reasons(rejects) and "GRDN1 is also in the official train" in reasons(rejects)
+    a, b, v, t = items
+    states(a)
+    assert (a.split, a.view, a.sex, a.age, a.site, a.study_id) == ("train", "PA", "M", 14.0, "SiteA", "1.2.3")
+    assert a.report == "FINDINGS: Lungs clear.\nIMPRESSION: Normal chest."
+    assert b.view == "LATERAL"
+    assert (v.split, v.view, v.study_id, v.report) == ("validation", "AP", "7.7", "IMPRESSION: Edema.")
+    states(t, Cardiomegaly=P)
+    assert (t.split, t.view, t.age) == ("test", "unknown", -1.0)
+
+
+def test_openi(tmp_path):
+    items, rejects = run("openi", fx.make_openi(str(tmp_path)))
+    check_common("openi", items)
+    assert [os.path.basename(i.path) for i in items] == [
+        "CXR1_1_IM-0001-3001.png", "CXR1_1_IM-0001-4001.png", "CXR2_1_IM-0652-1001.png"]
+    text = reasons(rejects)
+    assert len(rejects) == 2 and "CXR2_1_IM-0652-2001.png" in text
+    assert "3.xml: unparseable XML" in text  # 10.xml has no image: nothing to convert, no reject
+    pathologies = [f for f in cond.FINDINGS if f not in ("No Finding", "Support Devices")]
+    states(items[0], No_Finding=P, **{f.replace(" ", "_"): N for f in pathologies})
+    assert items[0].report == "FINDINGS: The heart is normal.\nIMPRESSION: Normal chest x-XXXX."
+    states(items[2], No_Finding=N, Cardiomegaly=U, Pleural_Effusion=P, Pleural_Other=P, Support_Devices=P)
+    assert items[2].patient_id == "CXR2" and items[2].split is None and items[2].view == "unknown"
+
+
+def test_shared_parsers():
+    from cxr_rf.data.sources.brax import brax_age
+    from cxr_rf.data.sources.chexpert import race_from_text
+    from cxr_rf.data.sources.nih_cxr14 import parse_age
+    races = {"WHITE - OTHER EUROPEAN": "White", "Caucasian": "White", "BLACK/CAPE VERDEAN": "Black",
+             "Asian, non-Hispanic": "Asian", "HISPANIC/LATINO - CUBAN": "Other", "Patient Refused": "unknown",
+             "UNABLE TO OBTAIN": "unknown", "": "unknown", "Native Hawaiian or Other Pacific Islander": "Other"}
+    assert {k: race_from_text(k) for k in races} == races
+    assert [parse_age(a) for a in ("058Y", "58", "006M", "", "412", "abc")] == [58.0, 58.0, 0.5, -1, -1, -1]
+    assert [brax_age(a) for a in ("20-29", "85 or more", "90+", "040Y")] == [24.5, 85.0, 90.0, 40.0]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_order_is_deterministic(tmp_path, name):
+    d = MAKERS[name](str(tmp_path))
+    first = [(type(e).__name__, e.path) for e in sources.get(name).items(d, None)]
+    assert first == [(type(e).__name__, e.path) for e in sources.get(name).items(d, None)]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_convert_end_to_end(tmp_path, name):
+    """convert() on each fixture; the dataset read back holds exactly the source's Items."""
+    import json
+
+    import tensorflow_datasets as tfds
+
+    from cxr_rf.data import convert, schema
+    d = MAKERS[name](str(tmp_path / "raw"))
+    items, rejects = run(name, d)
+    out = tmp_path / "out"
+    convert.convert(name, out, sources.SourceOptions(input_dir=d, resolution=8), max_reject_fraction=1.0)
+    builder = tfds.builder_from_directory(str(out))
+    got, patient_split = [], {}
+    for split in builder.info.splits:
+        src = builder.as_data_source(split)
+        for i in range(len(src)):
+            ex = schema.from_example(src[i])
+            assert ex["image"].shape == (8, 8) and ex["source"] == name
+            assert patient_split.setdefault(ex["patient_id"], split) == split  # patient-level split
+            got.append((split, tuple(ex["findings"].tolist()), ex["view"], ex["race"], ex["report"]))
+            if name == "vindr_cxr":  # sex/age exist only in the DICOM header: the converter read it
+                assert (ex["sex"], ex["age"]) == ("F", 45.0)
+    # Official splits are kept as given; split=None Items go by the hash of their raw patient id.
+    want = [(it.split or convert.patient_split(it.patient_id), tuple(it.findings.tolist()), it.view,
+             it.race, it.report) for it in items]
+    assert sorted(got) == sorted(want)
+    assert sum(1 for _ in open(out / "rejects.jsonl")) == len(rejects)
+    assert json.loads((out / "stats.json").read_text())
