@@ -35,7 +35,7 @@ def grid(images: Sequence[np.ndarray], labels: Sequence[str] | None = None,
     cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
     font = ImageFont.load_default()
-    text_h = 12 if labels else 0
+    text_h = 24 if labels else 0       # two lines: findings, then demographics
     sheet = Image.new("L", (cols * tile, rows * (tile + text_h)), color=0)
     draw = ImageDraw.Draw(sheet)
     for i, x in enumerate(images):
@@ -43,7 +43,10 @@ def grid(images: Sequence[np.ndarray], labels: Sequence[str] | None = None,
         im = Image.fromarray(to_uint(np.squeeze(x)), mode="L").resize((tile, tile), Image.BILINEAR)
         sheet.paste(im, (c * tile, r * (tile + text_h) + text_h))
         if labels:
-            draw.text((c * tile + 2, r * (tile + text_h)), labels[i][: tile // 6], fill=255, font=font)
+            first, _, second = labels[i].partition(" | ")
+            for k, line in enumerate((first, second)):
+                draw.text((c * tile + 2, r * (tile + text_h) + 12 * k), line[: tile // 6],
+                          fill=255, font=font)
     return sheet
 
 
