@@ -1,13 +1,19 @@
-"""Benchmarks. ``train``: images/s, analytic model FLOPs and achieved FLOP/s of the real train
-step against a matmul peak measured in the same process.
+"""Benchmarks. ``train``: images/s (total and per device), analytic model FLOPs, MFU and peak
+memory of the real (sharded) train step on the configured mesh.
 
-    python -m cxr_rf.bench train --config experiments/bench.py [--steps 20] [--config.mesh.data=1]
+    python -m cxr_rf.bench train --config experiments/bench.py [--steps 20] \
+        [--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2]
+
+MFU is against the device's peak: a table of published dense peaks for known GPUs/TPUs, a
+matmul measured in the same process on CPU (forced CPU devices share the host's cores, so the
+host's measured peak is split between them).
 
 Ends with one JSON line for scripts.
 """
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 
@@ -36,6 +42,45 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
+# Published dense peak FLOP/s per device (jax.Device.device_kind substring -> (bf16, f32)).
+# f32 on GPU is TF32 (XLA's default matmul precision); TPUs run f32 matmuls as bf16 passes.
+PEAK_FLOPS = (
+    ("H200", 989e12, 494e12), ("H100", 989e12, 494e12), ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12), ("L4", 121e12, 60e12), ("A10G", 70e12, 35e12),
+    ("TPU v6", 918e12, 918e12), ("TPU v5p", 459e12, 459e12), ("TPU v5 lite", 197e12, 197e12),
+    ("TPU v5e", 197e12, 197e12), ("TPU v4", 275e12, 275e12), ("TPU v3", 61.5e12, 61.5e12),
+)
+
+
+def device_peak(dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    dev = jax.devices()[0]
+    bf16 = dtype == jnp.bfloat16
+    for kind, p16, p32 in PEAK_FLOPS:
+        if kind.lower() in dev.device_kind.lower():
+            return (p16 if bf16 else p32), f"table ({kind})"
+    measured = matmul_peak(dtype=dtype)
+    if dev.platform == "cpu":
+        return measured / jax.local_device_count(), "measured matmul (host, split over devices)"
+    return measured, "measured matmul"
+
+
+def peak_memory(trainer, state, batch) -> tuple[int, str]:
+    """(peak bytes on one device, source): the allocator's peak where the runtime reports it
+    (GPU/TPU), else XLA's compiled memory analysis of the step (arguments + temporaries)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device allocator peak"
+    from cxr_rf import sharding
+    with sharding.use(trainer.mesh):
+        m = trainer._train_step.lower(state, trainer.global_batch(batch)).compile().memory_analysis()
+    if m is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
+        - m.alias_size_in_bytes
+    return int(total), "XLA memory analysis of the step"
+
+
 def bench_train(cfg, steps: int, warmup: int) -> dict:
     """Time the jitted train step on synthetic batches of the configured shape."""
     from cxr_rf.train import Trainer
@@ -56,11 +101,15 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
     # Training = forward + backward ≈ 3× the forward matmul FLOPs (no remat recompute counted).
     fpi = 3 * flops_per_image(ModelConfig.from_config(cfg), r)
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-    peak = matmul_peak(dtype=dtype) * jax.device_count()
-    return {"images_per_s": b / dt, "step_s": dt, "flops_per_image": fpi,
-            "achieved_flops": fpi * b / dt, "peak_flops": peak,
-            "mfu": fpi * b / dt / peak, "devices": jax.device_count(),
-            "platform": jax.devices()[0].platform, "loss": float(m["loss"])}
+    n = trainer.mesh.size
+    peak_dev, peak_src = device_peak(dtype)
+    mem, mem_src = peak_memory(trainer, state, batch)
+    return {"images_per_s": b / dt, "images_per_s_per_device": b / dt / n, "step_s": dt,
+            "flops_per_image": fpi, "achieved_flops": fpi * b / dt, "peak_flops": peak_dev * n,
+            "peak_source": peak_src, "mfu": fpi * b / dt / (peak_dev * n), "devices": n,
+            "mesh": dict(trainer.mesh.shape), "platform": jax.devices()[0].platform,
+            "device_kind": jax.devices()[0].device_kind, "peak_memory_bytes": mem,
+            "memory_source": mem_src, "loss": float(np.asarray(m["loss"].addressable_data(0)))}
 
 
 def _define_flags() -> None:
@@ -75,14 +124,20 @@ def main(argv):
         sys.exit("usage: python -m cxr_rf.bench train --config experiments/NAME.py [--steps N]")
     if FLAGS.config is None:
         sys.exit("error: --config is required")
-    r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
-    print(f"train step: {r['images_per_s']:.2f} images/s ({r['step_s'] * 1e3:.1f} ms/step) on "
-          f"{r['devices']} {r['platform']} device(s)")
+    try:
+        r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    except ValueError as e:  # bad mesh / batch / model config: one line, no traceback
+        sys.exit(f"error: {e}")
+    print(f"train step: {r['images_per_s']:.2f} images/s = {r['images_per_s_per_device']:.2f} per "
+          f"device ({r['step_s'] * 1e3:.1f} ms/step) on {r['devices']} {r['device_kind']} "
+          f"device(s), mesh {r['mesh']}")
     print(f"model FLOPs/image (fwd+bwd, analytic): {r['flops_per_image'] / 1e9:.3f} GFLOP")
-    print(f"achieved: {r['achieved_flops'] / 1e9:.2f} GFLOP/s of measured matmul peak "
-          f"{r['peak_flops'] / 1e9:.2f} GFLOP/s = {100 * r['mfu']:.1f}%")
-    print(json.dumps({k: r[k] for k in ("images_per_s", "flops_per_image", "achieved_flops",
-                                        "peak_flops", "mfu")}))
+    print(f"achieved: {r['achieved_flops'] / 1e9:.2f} GFLOP/s of peak "
+          f"{r['peak_flops'] / 1e9:.2f} GFLOP/s ({r['peak_source']}) = MFU {100 * r['mfu']:.1f}%")
+    print(f"peak memory per device: {r['peak_memory_bytes'] / 2**20:.1f} MiB ({r['memory_source']})")
+    print(json.dumps({k: r[k] for k in ("images_per_s", "images_per_s_per_device", "flops_per_image",
+                                        "achieved_flops", "peak_flops", "mfu", "mesh",
+                                        "peak_memory_bytes")}))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,14 @@ def base() -> ml_collections.ConfigDict:
     t.eval_batches = 2
     t.eval_timesteps = (0.1, 0.3, 0.5, 0.7, 0.9)
     t.ckpt_every = 200
-    t.ckpt_keep = 3
+    t.ckpt_keep = 3            # the last K checkpoints ...
+    t.ckpt_keep_period = 0     # ... plus every M-th step's forever (0 = none)
+    t.ckpt_async = True        # save in the background while training continues
+    # A workdir whose checkpoints are all unreadable stops the run; True starts fresh instead.
+    t.fresh_start_if_unreadable = False
+    t.stop_at = 0              # stop after this step with a checkpoint, as a preemption would (0 = no)
+    t.microbatches = 1         # gradient accumulation: the global batch in this many pieces
+    t.max_nonfinite = 10       # stop after this many consecutive skipped (non-finite) steps
     t.sample_every = 500
     t.progress = True
 
@@ -76,5 +83,7 @@ def base() -> ml_collections.ConfigDict:
     s.method = "euler"         # "euler" or "heun"
     s.grid = 8                 # images in the periodic training grid
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # One axis may be -1 (the remaining devices). max_replicated: refuse meshes leaving more than
+    # this fraction of a >=100M-parameter model unsplit over fsdp/tensor (1.0 = allow).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, max_replicated=0.02))
     return c

@@ -53,9 +53,14 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all)."""
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all).
+
+    Devices stay in process order (``jax.devices()`` is sorted by process), so the leading
+    batch axis (data, fsdp) walks processes first: each process's local batch lands on its own
+    devices when assembled with ``make_array_from_process_local_data``.
+    """
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
+    shape = mesh_shape({a: mesh_cfg[a] for a in MESH_AXES}, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -89,9 +94,54 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-    """Fail before compiling when the batch does not split over the batch axes."""
+def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """Fail before compiling when the batch (or each microbatch) does not split over the batch axes."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if microbatches < 1 or global_batch % microbatches:
+        raise ValueError(f"global batch {global_batch} is not divisible into {microbatches} microbatches")
     if global_batch % n:
         raise ValueError(
             f"global batch {global_batch} is not divisible by data*fsdp = {n} of mesh {dict(mesh.shape)}")
+    if (global_batch // microbatches) % n:
+        raise ValueError(f"microbatch {global_batch // microbatches} (batch {global_batch} / "
+                         f"{microbatches} microbatches) is not divisible by data*fsdp = {n}")
+
+
+def _uses_model_axes(spec: P, mesh: Mesh) -> bool:
+    """Whether a partition spec splits its array over fsdp or tensor (axes of size > 1)."""
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis in ("fsdp", "tensor") and mesh.shape[axis] > 1:
+                return True
+    return False
+
+
+def replicated_fraction(boxed_params: Any, mesh: Mesh) -> tuple[float, int]:
+    """(fraction of parameter elements not split over fsdp/tensor, total parameter count).
+
+    Replication over ``data`` is by design (hybrid FSDP); replication over the model axes is
+    what costs memory on every device.
+    """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_params), RULES)
+    values = jax.tree.leaves(nn.unbox(boxed_params))
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    total = replicated_n = 0
+    for v, spec in zip(values, spec_leaves, strict=True):
+        n = math.prod(v.shape)
+        total += n
+        if not _uses_model_axes(spec, mesh):
+            replicated_n += n
+    return (replicated_n / total if total else 0.0), total
+
+
+def check_replication(boxed_params: Any, mesh: Mesh, max_fraction: float = 0.02,
+                      min_params: int = 100_000_000) -> None:
+    """Refuse a mesh that leaves a large (>= min_params) model mostly replicated on every device."""
+    if mesh.size == 1:
+        return  # nothing to shard over
+    frac, total = replicated_fraction(boxed_params, mesh)
+    if total >= min_params and frac > max_fraction:
+        raise ValueError(
+            f"{100 * frac:.1f}% of the {total / 1e6:.0f}M parameters are replicated on mesh "
+            f"{dict(mesh.shape)} (limit {100 * max_fraction:g}%); use fsdp/tensor > 1 "
+            f"or raise mesh.max_replicated")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -72,13 +73,19 @@ def make_loader(cfg, path, split: str, *, train: bool):
         worker_count=d.worker_count if train else 0, prefetch=d.prefetch, shuffle=train)
 
 
+def local_values(tree: Any) -> Any:
+    """Host copies of replicated arrays from this process's first shard: with several
+    processes a replicated global array is not fully addressable, so device_get would fail."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 class Trainer:
     """Holds the compiled steps and shardings of one run; ``run`` is the loop."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict):
+    def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
         self.cfg = cfg
-        self.mesh = sharding.make_mesh(cfg.mesh)
-        sharding.check_batch(cfg.train.batch_size, self.mesh)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
+        sharding.check_batch(cfg.train.batch_size, self.mesh, cfg.train.microbatches)
         self.model = build_model(cfg)
         self.tx = step_lib.make_optimizer(cfg)
         self.fs = step_lib.FlowSettings.from_config(cfg)
@@ -89,10 +96,12 @@ class Trainer:
         with sharding.use(self.mesh):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
             self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
+            sharding.check_replication(boxed.params, self.mesh, cfg.mesh.max_replicated)
             self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         train = functools.partial(step_lib.train_step, model=self.model, tx=self.tx, fs=self.fs,
-                                  ema_decay=cfg.optim.ema_decay)
+                                  ema_decay=cfg.optim.ema_decay,
+                                  microbatches=cfg.train.microbatches)
         self._train_step = jax.jit(
             train, in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=0)
@@ -120,36 +129,78 @@ class Trainer:
         with sharding.use(self.mesh):
             losses = [self._eval_step(params, self.global_batch(next(it)))
                       for _ in range(self.cfg.train.eval_batches)]
-        return np.mean(np.asarray(jax.device_get(losses)), axis=0)
+        return np.mean([local_values(x) for x in losses], axis=0)
+
+
+def check_streak(streak: int, limit: int, step: int) -> None:
+    """Stop the run when the last ``limit`` updates were all skipped as non-finite."""
+    if limit and streak >= limit:
+        raise FloatingPointError(
+            f"{streak} consecutive non-finite steps (loss or gradients) up to step {step}; "
+            f"updates were skipped, stopping (train.max_nonfinite={limit})")
+
+
+def restore_or_start(cfg, mngr, state, data_iter) -> tuple[int, Any]:
+    """(start step, state): the newest readable checkpoint, or step 0 for an empty workdir."""
+    if not mngr.all_steps():
+        return 0, state
+    try:
+        start, state = checkpoint.restore_latest(mngr, checkpoint.abstract(state), data_iter)
+    except checkpoint.RestoreError:
+        if not cfg.train.fresh_start_if_unreadable:
+            raise
+        logging.warning("!!! NO CHECKPOINT READABLE; STARTING FROM SCRATCH "
+                        "(train.fresh_start_if_unreadable=True) !!!")
+        checkpoint.set_aside(mngr, sorted(mngr.all_steps()))
+        return 0, state
+    logging.info("resuming from step %d", start)
+    return start, state
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
-        stop_at: int | None = None) -> dict:
+        stop_at: int | None = None, devices=None) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last logged metrics.
 
     ``stop_at`` ends the loop early after that step (with a checkpoint), as a preemption
-    would; the schedule still follows ``train.steps``.
+    would; the schedule still follows ``train.steps``. SIGTERM does the same at the next
+    step boundary (``preempted`` is then set in the result). ``devices`` (default: all)
+    is what the mesh spans.
     """
-    from cxr_rf import sample  # sample imports model/flow only; kept local to keep CLI start fast
     workdir = epath.Path(workdir)
+    stop_at = stop_at if stop_at is not None else (cfg.train.stop_at or None)
     lead = jax.process_index() == 0
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     path = ensure_data(cfg, workdir)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, devices)
     loader = make_loader(cfg, path, "train", train=True)
     data_iter = iter(loader)
-    mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.train.ckpt_keep)
-    state = trainer.init_state()
-    if mngr.latest_step() is not None:
-        start, state = checkpoint.restore(mngr, checkpoint.abstract(state), data_iter)
-        logging.info("resuming from step %d", start)
-    else:
-        start = 0
-    writer = outputs.MetricWriter(workdir / "tensorboard") if lead else None
-    sampler = sample.Sampler(cfg, trainer.model) if lead and cfg.train.sample_every else None
     t = cfg.train
+    mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
+                              keep_period=t.ckpt_keep_period, async_save=t.ckpt_async)
+    start, state = restore_or_start(cfg, mngr, trainer.init_state(), data_iter)
+    stop = checkpoint.StopRequest()
+    try:
+        return _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop_at)
+    finally:
+        stop.close()
+        mngr.close()
+
+
+def _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop_at) -> dict:
+    """The training loop of ``run`` (state restored, manager open)."""
+    from cxr_rf import sample  # sample imports model/flow only; kept local to keep CLI start fast
+    lead = jax.process_index() == 0
+    writer = outputs.MetricWriter(workdir / "tensorboard") if lead else None
+    t = cfg.train
+    grids = bool(t.sample_every)
+    if grids and jax.process_count() > 1:
+        # The sampler runs on process 0 alone and cannot read parameters sharded over the
+        # other processes' devices; grids come from `python -m cxr_rf.sample` instead.
+        logging.warning("sample grids are off with %d processes", jax.process_count())
+        grids = False
+    sampler = sample.Sampler(cfg, trainer.model) if lead and grids else None
     bar = outputs.progress(start, t.steps, enabled=lead and t.progress)
     last: dict[str, Any] = {}
     window, t0 = [], time.perf_counter()
@@ -158,31 +209,36 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
         state, metrics = trainer.train_step(state, next(data_iter))
         window.append(metrics)
         if step % t.log_every == 0 or step == t.steps:
-            host = jax.device_get(window)
+            host = [local_values(m) for m in window]
             dt = time.perf_counter() - t0
             last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             last["images_per_s"] = len(host) * t.batch_size / dt
             last["lr"] = float(step_lib.learning_rate(cfg, step))
-            last["nonfinite"] = float(not np.isfinite(last["loss"]))
+            last["skipped"] = float(np.sum([m["skipped"] for m in host]))
+            last["nonfinite_streak"] = float(host[-1]["nonfinite_streak"])
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if writer:
                 writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
             window, t0 = [], time.perf_counter()
-            if not np.isfinite(last["loss"]):
-                raise FloatingPointError(f"loss became {last['loss']} at step {step}")
+            # Checked when logging (no per-step host sync); the streak lives in the state.
+            check_streak(int(host[-1]["nonfinite_streak"]), t.max_nonfinite, step)
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             val = trainer.evaluate(state.ema_params, path)
             last["val_loss"] = float(val.mean())
             if writer:
                 writer.scalars(step, {"val/loss": last["val_loss"], **{
                     f"val/loss_t{tv:.1f}": float(v) for tv, v in zip(t.eval_timesteps, val)}})
-        if step % t.ckpt_every == 0 or step == end:
-            checkpoint.save(mngr, step, state, data_iter)
-        if lead and t.sample_every and (step % t.sample_every == 0 or step == t.steps):
+        preempted = stop(mngr, step)
+        if step % t.ckpt_every == 0 or step == end or preempted:
+            checkpoint.save(mngr, step, state, data_iter, force=preempted)
+        if sampler and (step % t.sample_every == 0 or step == t.steps):
             sampler.grid(state.ema_params, workdir / "samples" / f"step_{step:07d}.png", step=step)
+        if preempted:
+            logging.warning("stopping after the checkpoint of step %d (preemption/SIGTERM)", step)
+            last["preempted"] = step
+            break
     mngr.wait_until_finished()
-    mngr.close()
     bar.close()
     if writer:
         writer.close()
@@ -193,6 +249,32 @@ def _define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
     config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
     flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0, for explicit multi-process "
+                        "runs (TPU pods and SLURM are detected without it).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+
+
+# Environment variables whose presence means a multi-host cluster JAX can join by itself.
+_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                "OMPI_MCA_orte_hnp_uri")
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """Join the other processes: explicit flags, else automatic on TPU pods / SLURM / MPI."""
+    if coordinator:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator needs --num_processes and --process_id")
+        # CPU processes need a cross-process collectives backend; harmless on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    elif num_processes is not None or process_id is not None:
+        raise ValueError("--num_processes/--process_id need --coordinator")
+    elif any(os.environ.get(k) for k in _CLUSTER_ENV) and int(
+            os.environ.get("SLURM_NTASKS", "2")) > 1:
+        jax.distributed.initialize()
 
 
 def main(argv):
@@ -204,10 +286,14 @@ def main(argv):
     # Orbax and Grain log through absl at INFO on every save/restore; keep the console for ours.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        if jax.process_index() != 0:  # one console: the others report only problems
+            logging.getLogger().setLevel(logging.WARNING)
         metrics = run(FLAGS.config, FLAGS.workdir)
-    except (checkpoint.RestoreError, FileNotFoundError, ValueError) as e:
+    except (checkpoint.RestoreError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    print(json.dumps({"final": metrics}))
+    if jax.process_index() == 0:
+        print(json.dumps({"final": metrics}))
 
 
 if __name__ == "__main__":
