@@ -51,27 +51,25 @@ def train_shift(cfg: ml_collections.ConfigDict, resolution: int | None = None) -
     return max(1.0, flow.resolution_shift(tokens, cfg.flow.base_tokens))
 
 
+def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to ``optim.lr``, then cosine decay to 1% over ``train.steps``."""
+    o = cfg.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * 0.01)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay and global-norm clipping.
+    """AdamW on ``lr_schedule`` with global-norm clipping.
 
     Weight decay applies to matrices only (ndim >= 2), not to norms, biases or gains.
     """
     o = cfg.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-        decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * 0.01)
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+        optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                     mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
     )
-
-
-def learning_rate(cfg: ml_collections.ConfigDict, step) -> jax.Array:
-    """The schedule value at ``step`` (for logging)."""
-    o = cfg.optim
-    return optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, o.warmup_steps, max(cfg.train.steps, o.warmup_steps + 1), o.lr * 0.01)(step)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,

@@ -213,7 +213,7 @@ def _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop
             dt = time.perf_counter() - t0
             last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             last["images_per_s"] = len(host) * t.batch_size / dt
-            last["lr"] = float(step_lib.learning_rate(cfg, step))
+            last["lr"] = float(step_lib.lr_schedule(cfg)(step))
             last["skipped"] = float(np.sum([m["skipped"] for m in host]))
             last["nonfinite_streak"] = float(host[-1]["nonfinite_streak"])
             bar.update(step - bar.n)
