@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -89,8 +89,13 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
-                   data_iter: grain.DataLoaderIterator | None) -> tuple[int, Any]:
+                   data_iter: grain.DataLoaderIterator | None,
+                   iter_for_step: Callable[[int], grain.DataLoaderIterator] | None = None,
+                   ) -> tuple[int, Any]:
     """Restore the newest readable checkpoint, newest first.
+
+    The data iterator restored into is ``data_iter``, or ``iter_for_step(step)`` for the step
+    tried (runs whose stages read different datasets/resolutions).
 
     Each unreadable one is reported with a loud warning naming it and the step tried next,
     then moved aside. Raises RestoreError (with every cause) when none is readable.
@@ -101,7 +106,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
     failures = []
     for i, step in enumerate(steps):
         try:
-            restored = restore(mngr, abstract_state, data_iter, step)
+            it = iter_for_step(step) if iter_for_step else data_iter
+            restored = restore(mngr, abstract_state, it, step)
         except RestoreError as e:
             failures.append(str(e))
             nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"

@@ -2,6 +2,8 @@
 only the lines that differ, so a diff between two experiments is the experiment."""
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 
@@ -13,8 +15,10 @@ def base() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.dir = ""                 # converted dataset; "" = <workdir>/data (converted on first run)
     # Training mixture over converted corpora: ((dir, weight), ...); overrides d.dir when set.
-    # e.g. (("gs://b/cxr/mimic_cxr_jpg", 0.4), ("gs://b/cxr/chexpert", 0.3), ("gs://b/cxr/nih", 0.3))
+    # Relative dirs are under d.root: root "gs://b/cxr", mixture (("mimic_cxr_jpg", 0.6),
+    # ("chexpert", 0.4)) reads gs://b/cxr/mimic_cxr_jpg and gs://b/cxr/chexpert.
     d.mixture = ()
+    d.root = ""
     d.source = "phantom"       # what to convert when the dataset is missing
     d.num = 512                # phantom images to convert
     d.phantom_seed = 0
@@ -61,6 +65,10 @@ def base() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
     t.batch_size = 32          # global batch
+    # Progressive resolution: ((start_step, resolution[, batch_size]), ...) from step 0; the last
+    # stage's resolution is data.resolution. () = data.resolution and batch_size throughout.
+    # Each stage trains, evaluates and samples at its resolution with its own timestep shift.
+    t.stages = ()
     t.log_every = 10
     t.eval_every = 200         # validation loss at fixed timesteps
     t.eval_batches = 2
@@ -86,4 +94,99 @@ def base() -> ml_collections.ConfigDict:
     # One axis may be -1 (the remaining devices). max_replicated: refuse meshes leaving more than
     # this fraction of a >=100M-parameter model unsplit over fsdp/tensor (1.0 = allow).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, max_replicated=0.02))
+    return c
+
+
+def sd3_size(depth: int) -> dict:
+    """SD3's size rule: width = 64·depth, heads = depth (head dim 64)."""
+    return dict(depth=depth, width=64 * depth, heads=depth)
+
+
+# The converted public corpora of a CXR7-style training set (each converted with
+# ``python -m cxr_rf.data.convert --source NAME --output <data.root>/NAME``) and the approximate
+# number of images in their public releases (about 1.2M in all).
+CORPORA = (("mimic_cxr_jpg", 377_110), ("chexpert", 223_414), ("rexgradient", 273_004),
+           ("padchest", 160_868), ("nih_cxr14", 112_120), ("brax", 40_967),
+           ("vindr_cxr", 18_000))
+
+
+def corpus_mixture(names=None, temperature: float = 1.0) -> tuple:
+    """((name, weight), ...) over CORPORA: weight ∝ images^(1/temperature); 1 = every image
+    equally likely, larger temperatures up-weight the small corpora."""
+    sizes = dict(CORPORA)
+    names = names or [n for n, _ in CORPORA]
+    unknown = sorted(set(names) - set(sizes))
+    if unknown:
+        raise ValueError(f"unknown corpora {unknown}; known: {sorted(sizes)}")
+    w = {n: sizes[n] ** (1.0 / temperature) for n in names}
+    total = sum(w.values())
+    return tuple((n, round(w[n] / total, 4)) for n in names)
+
+
+def foundation(depth: int) -> ml_collections.ConfigDict:
+    """The RadiT-class recipe shared by experiments/cxr_*.py: an SD3-sized pixel-space MMDiT
+    on the converted corpora mixture, bf16 compute on an FSDP mesh, 256² → 512² progressive
+    training. A variant sets the depth and the few lines that differ."""
+    c = base()
+    d = c.data                 # set d.root: where the converted corpora live (/mnt/cxr, gs://B/cxr)
+    d.mixture = corpus_mixture()
+    d.source = ""              # nothing converts automatically
+    d.resolution = 512
+    d.worker_count = 16        # Grain decode processes per host
+    d.prefetch = 4
+    c.model.update(patch=16, mlp_ratio=4.0, dtype="bfloat16", remat="dots", **sd3_size(depth))
+    c.flow.prediction = "x"    # large pixel patches: predict x, take the loss on v (reference)
+    c.optim.update(lr=1e-4, warmup_steps=10_000, weight_decay=0.0, ema_decay=0.9999)
+    c.train.update(steps=500_000, batch_size=1024, log_every=100, eval_every=5_000,
+                   eval_batches=8, ckpt_every=2_000, ckpt_keep=3, ckpt_keep_period=50_000,
+                   sample_every=25_000, stages=((0, 256), (200_000, 512)))
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resolution stage: steps (start, end] at ``resolution`` with a global ``batch_size``."""
+    index: int
+    start: int
+    end: int
+    resolution: int
+    batch_size: int
+
+
+def stages(cfg: ml_collections.ConfigDict) -> list[Stage]:
+    """The run's resolution stages in order (one stage when ``train.stages`` is empty)."""
+    t, res = cfg.train, cfg.data.resolution
+    spec = [tuple(s) for s in t.stages] or [(0, res)]
+    for s in spec:
+        if len(s) not in (2, 3):
+            raise ValueError(f"train.stages entries are (start_step, resolution[, batch_size]); "
+                             f"got {s}")
+    starts = [int(s[0]) for s in spec]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"train.stages must start at step 0 with increasing start steps; "
+                         f"got starts {starts}")
+    if starts[-1] >= t.steps:
+        raise ValueError(f"train.stages: the last stage starts at {starts[-1]}, not before "
+                         f"train.steps={t.steps}")
+    if int(spec[-1][1]) != res:
+        raise ValueError(f"train.stages: the last stage's resolution {spec[-1][1]} must equal "
+                         f"data.resolution={res} (the resolution the model samples at)")
+    ends = starts[1:] + [t.steps]
+    return [Stage(i, a, e, int(s[1]), int(s[2]) if len(s) == 3 and s[2] else t.batch_size)
+            for i, (s, a, e) in enumerate(zip(spec, starts, ends))]
+
+
+def stage_at(cfg: ml_collections.ConfigDict, step: int) -> Stage:
+    """The stage that trains ``step`` (1-based; step 0, before training, is in the first)."""
+    all_stages = stages(cfg)
+    return next((s for s in all_stages if step <= s.end), all_stages[-1])
+
+
+def for_stage(cfg: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
+    """The config a stage trains with: ``cfg`` with its resolution and global batch."""
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.data.resolution = stage.resolution
+    c.train.batch_size = stage.batch_size
+    c.train.stages = ()
     return c

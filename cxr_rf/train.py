@@ -26,6 +26,7 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from cxr_rf import checkpoint, conditioning, outputs, sharding
+from cxr_rf import config as config_lib
 from cxr_rf import step as step_lib
 from cxr_rf.data import convert, pipeline
 from cxr_rf.model import build_model
@@ -42,7 +43,9 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
     """The run's data: the ``data.mixture`` pairs, or one dataset directory, converting the
     phantom dataset into the workdir on first use (process 0 writes)."""
     if cfg.data.mixture:
-        return [(str(d), float(w)) for d, w in cfg.data.mixture]
+        root = cfg.data.get("root", "")
+        return [(str(d) if not root or _absolute(str(d)) else str(epath.Path(root) / str(d)),
+                 float(w)) for d, w in cfg.data.mixture]
     path = data_dir(cfg, workdir)
     if (path / "dataset_info.json").exists():
         return str(path)
@@ -63,11 +66,16 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
     return str(path)
 
 
-def make_loader(cfg, path, split: str, *, train: bool):
-    """The Grain loader of a split: shuffled with CFG dropout for training, fixed for eval."""
+def _absolute(path: str) -> bool:
+    return path.startswith("/") or "://" in path
+
+
+def make_loader(cfg, path, split: str, *, train: bool, stage: int = 0):
+    """The Grain loader of a split: shuffled with CFG dropout for training, fixed for eval.
+    Each resolution ``stage`` reads its own seeded order."""
     d = cfg.data
     return pipeline.make_loader(
-        path, split, global_batch=cfg.train.batch_size, seed=cfg.seed,
+        path, split, global_batch=cfg.train.batch_size, seed=cfg.seed + stage,
         resolution=d.resolution, report_len=d.report_len,
         cond_dropout=dict(d.cond_dropout) if train else None,
         worker_count=d.worker_count if train else 0, prefetch=d.prefetch, shuffle=train)
@@ -102,7 +110,7 @@ class Trainer:
         train = functools.partial(step_lib.train_step, model=self.model, tx=self.tx, fs=self.fs,
                                   ema_decay=cfg.optim.ema_decay,
                                   microbatches=cfg.train.microbatches)
-        self._train_step = jax.jit(
+        self.jitted_step = jax.jit(
             train, in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=0)
         evaluate = functools.partial(step_lib.eval_step, model=self.model, fs=self.fs,
@@ -121,7 +129,7 @@ class Trainer:
 
     def train_step(self, state, batch):
         with sharding.use(self.mesh):
-            return self._train_step(state, self.global_batch(batch))
+            return self.jitted_step(state, self.global_batch(batch))
 
     def evaluate(self, params, path) -> np.ndarray:
         """Mean validation loss at each fixed timestep over the first eval batches."""
@@ -140,12 +148,15 @@ def check_streak(streak: int, limit: int, step: int) -> None:
             f"updates were skipped, stopping (train.max_nonfinite={limit})")
 
 
-def restore_or_start(cfg, mngr, state, data_iter) -> tuple[int, Any]:
-    """(start step, state): the newest readable checkpoint, or step 0 for an empty workdir."""
+def restore_or_start(cfg, mngr, state, data_iter=None, iter_for_step=None) -> tuple[int, Any]:
+    """(start step, state): the newest readable checkpoint, or step 0 for an empty workdir.
+    ``iter_for_step(step)`` gives the data iterator a checkpoint of ``step`` restores into
+    (its resolution stage's); ``data_iter`` is the one iterator of a single-stage caller."""
     if not mngr.all_steps():
         return 0, state
     try:
-        start, state = checkpoint.restore_latest(mngr, checkpoint.abstract(state), data_iter)
+        start, state = checkpoint.restore_latest(mngr, checkpoint.abstract(state), data_iter,
+                                                 iter_for_step=iter_for_step)
     except checkpoint.RestoreError:
         if not cfg.train.fresh_start_if_unreadable:
             raise
@@ -155,6 +166,35 @@ def restore_or_start(cfg, mngr, state, data_iter) -> tuple[int, Any]:
         return 0, state
     logging.info("resuming from step %d", start)
     return start, state
+
+
+class Stages:
+    """The run's resolution stages (config.stages), entered in order: each has its own Trainer
+    (its batch shape and timestep shift; the state's shapes and shardings are the same in all)
+    and its own data iterator, a fresh seeded pass at its resolution."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, path, devices=None):
+        self.cfg, self.path, self.devices = cfg, path, devices
+        self.stage: config_lib.Stage | None = None
+        self.cfg_at: ml_collections.ConfigDict | None = None
+        self.trainer: Trainer | None = None
+        self.data_iter = None
+
+    def enter(self, step: int) -> bool:
+        """Make the stage that trains ``step`` current; returns whether it changed."""
+        stage = config_lib.stage_at(self.cfg, step)
+        if self.stage is not None and stage.index == self.stage.index:
+            return False
+        self.stage, self.cfg_at = stage, config_lib.for_stage(self.cfg, stage)
+        self.trainer = Trainer(self.cfg_at, self.devices)
+        self.data_iter = iter(make_loader(self.cfg_at, self.path, "train", train=True,
+                                          stage=stage.index))
+        return True
+
+    def iterator_for(self, step: int):
+        """The data iterator a checkpoint of ``step`` restores into."""
+        self.enter(step)
+        return self.data_iter
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
@@ -168,27 +208,28 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     """
     workdir = epath.Path(workdir)
     stop_at = stop_at if stop_at is not None else (cfg.train.stop_at or None)
+    config_lib.stages(cfg)  # a bad schedule fails before any work
     lead = jax.process_index() == 0
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     path = ensure_data(cfg, workdir)
-    trainer = Trainer(cfg, devices)
-    loader = make_loader(cfg, path, "train", train=True)
-    data_iter = iter(loader)
+    stages = Stages(cfg, path, devices)
+    stages.enter(0)
     t = cfg.train
     mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
                               keep_period=t.ckpt_keep_period, async_save=t.ckpt_async)
-    start, state = restore_or_start(cfg, mngr, trainer.init_state(), data_iter)
+    start, state = restore_or_start(cfg, mngr, stages.trainer.init_state(),
+                                    iter_for_step=stages.iterator_for)
     stop = checkpoint.StopRequest()
     try:
-        return _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop_at)
+        return _loop(cfg, workdir, path, stages, state, mngr, start, stop, stop_at)
     finally:
         stop.close()
         mngr.close()
 
 
-def _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop_at) -> dict:
+def _loop(cfg, workdir, path, stages, state, mngr, start, stop, stop_at) -> dict:
     """The training loop of ``run`` (state restored, manager open)."""
     from cxr_rf import sample  # sample imports model/flow only; kept local to keep CLI start fast
     lead = jax.process_index() == 0
@@ -200,22 +241,32 @@ def _loop(cfg, workdir, path, trainer, state, data_iter, mngr, start, stop, stop
         # other processes' devices; grids come from `python -m cxr_rf.sample` instead.
         logging.warning("sample grids are off with %d processes", jax.process_count())
         grids = False
-    sampler = sample.Sampler(cfg, trainer.model) if lead and grids else None
+    sampler, current = None, None
     bar = outputs.progress(start, t.steps, enabled=lead and t.progress)
     last: dict[str, Any] = {}
     window, t0 = [], time.perf_counter()
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     for step in range(start + 1, end + 1):
+        stages.enter(step)
+        if stages.stage.index != current:
+            st, current = stages.stage, stages.stage.index
+            logging.info("stage %d: steps %d-%d at %d² (global batch %d, timestep shift %.3g)",
+                         st.index, st.start + 1, st.end, st.resolution, st.batch_size,
+                         stages.trainer.fs.shift)
+            sampler = sample.Sampler(stages.cfg_at, stages.trainer.model) if lead and grids else None
+        trainer, data_iter = stages.trainer, stages.data_iter
         state, metrics = trainer.train_step(state, next(data_iter))
         window.append(metrics)
         if step % t.log_every == 0 or step == t.steps:
             host = [local_values(m) for m in window]
             dt = time.perf_counter() - t0
             last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-            last["images_per_s"] = len(host) * t.batch_size / dt
+            last["images_per_s"] = len(host) * stages.stage.batch_size / dt
             last["lr"] = float(step_lib.lr_schedule(cfg)(step))
             last["skipped"] = float(np.sum([m["skipped"] for m in host]))
             last["nonfinite_streak"] = float(host[-1]["nonfinite_streak"])
+            last["resolution"] = float(stages.stage.resolution)
+            last["shift"] = float(trainer.fs.shift)
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if writer:

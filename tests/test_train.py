@@ -125,3 +125,23 @@ def test_sample_cli_errors_are_one_line(tmp_path, args, needle):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()
     assert needle in last[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_progressive_resolution_resumes_across_the_stage_boundary(tmp_path, data_dir):
+    """16² then 32²: each stage trains at its resolution with its token-count shift, and a run
+    stopped exactly at the boundary resumes into the next stage as if never stopped."""
+    c = tiny_config(steps=5)
+    c.data.dir = data_dir
+    c.train.update(eval_every=0, stages=((0, 16), (3, 32)))
+    c.flow.base_tokens = 16             # 16² / patch 4 = 16 tokens -> shift 1; 32² -> 64 -> 2
+    m_full = train.run(c, tmp_path / "full")
+    m_part = train.run(c, tmp_path / "part", stop_at=3)
+    assert (m_part["resolution"], m_part["shift"]) == (16, 1.0)      # logged at step 2
+    m_resumed = train.run(c, tmp_path / "part")
+    assert (m_resumed["resolution"], m_resumed["shift"]) == (32, 2.0)
+    assert m_resumed["loss"] == m_full["loss"]
+    s1, p1 = _params(tmp_path / "full", c)
+    s2, p2 = _params(tmp_path / "part", c)
+    assert s1 == s2 == 5
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

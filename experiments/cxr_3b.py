@@ -1,0 +1,15 @@
+"""cxr_3b: ≈3.2B parameters (SD3 depth 28: width 1792, 28 heads), pixel space, patch 16,
+256² → 512², same recipe and token budget per stage as cxr_xl.
+
+    python -m cxr_rf.aot --config experiments/cxr_3b.py --topology v5p:4x4x8
+    launch/tpu_pod.sh --name cxr-3b --type v5p-256 --config experiments/cxr_3b.py \
+        --workdir gs://BUCKET/runs/cxr_3b -- --config.data.root=/gcs/BUCKET/cxr
+"""
+from cxr_rf import config
+
+
+def get_config(arg=None):
+    del arg
+    c = config.foundation(depth=28)
+    c.train.update(steps=1_725_000, stages=((0, 256), (250_000, 512)))
+    return c

@@ -1,0 +1,17 @@
+"""cxr_8b: ≈8B parameters (SD3 depth 38: width 2432, 38 heads), pixel space, patch 16,
+256² → 512²; full rematerialisation and a tensor-parallel axis of 4 (FSDP over the rest).
+
+    python -m cxr_rf.aot --config experiments/cxr_8b.py --topology v5p:8x8x8
+    launch/tpu_pod.sh --name cxr-8b --type v5p-1024 --config experiments/cxr_8b.py \
+        --workdir gs://BUCKET/runs/cxr_8b -- --config.data.root=/gcs/BUCKET/cxr
+"""
+from cxr_rf import config
+
+
+def get_config(arg=None):
+    del arg
+    c = config.foundation(depth=38)
+    c.model.remat = "full"
+    c.train.update(steps=1_725_000, stages=((0, 256), (250_000, 512)))
+    c.mesh.update(fsdp=-1, tensor=4)
+    return c

@@ -1,0 +1,66 @@
+"""Shared experiment defaults: resolution stages, the corpora mixture, data.root resolution."""
+import pytest
+
+from cxr_rf import config as config_lib
+from cxr_rf import step as step_lib
+from cxr_rf import train
+
+
+def _staged(stages, steps=100, resolution=64):
+    c = config_lib.base()
+    c.data.resolution = resolution
+    c.train.update(steps=steps, stages=stages)
+    return c
+
+
+def test_no_stages_is_one_stage_at_the_data_resolution():
+    c = config_lib.base()
+    (s,) = config_lib.stages(c)
+    assert (s.start, s.end, s.resolution, s.batch_size) == (0, c.train.steps, 64, 32)
+
+
+def test_stages_cover_the_run_and_carry_their_batch():
+    c = _staged(((0, 32, 64), (40, 64)))
+    a, b = config_lib.stages(c)
+    assert (a.start, a.end, a.resolution, a.batch_size) == (0, 40, 32, 64)
+    assert (b.start, b.end, b.resolution, b.batch_size) == (40, 100, 64, 32)
+    assert [config_lib.stage_at(c, k).index for k in (0, 1, 40, 41, 100)] == [0, 0, 0, 1, 1]
+    sc = config_lib.for_stage(c, a)
+    assert (sc.data.resolution, sc.train.batch_size, c.data.resolution) == (32, 64, 64)
+
+
+def test_shift_follows_the_token_count_of_each_stage():
+    c = _staged(((0, 32), (40, 64)))
+    c.flow.base_tokens = 64                      # patch 4: 32² -> 64 tokens, 64² -> 256
+    shifts = [step_lib.train_shift(config_lib.for_stage(c, s)) for s in config_lib.stages(c)]
+    assert shifts == [1.0, 2.0]                  # sqrt(256 / 64)
+
+
+@pytest.mark.parametrize("stages, needle", [
+    (((10, 64),), "must start at step 0"),
+    (((0, 32), (0, 64)), "increasing start steps"),
+    (((0, 32), (100, 64)), "not before train.steps=100"),
+    (((0, 64), (50, 32)), "must equal data.resolution=64"),
+    (((0,),), "(start_step, resolution[, batch_size])"),
+])
+def test_bad_stages_are_one_line_errors(stages, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        config_lib.stages(_staged(stages))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corpus_mixture_weights():
+    mix = dict(config_lib.corpus_mixture())
+    assert set(mix) == {n for n, _ in config_lib.CORPORA}
+    assert abs(sum(mix.values()) - 1) < 1e-3 and mix["mimic_cxr_jpg"] > mix["vindr_cxr"]
+    flat = dict(config_lib.corpus_mixture(temperature=1e9))     # -> uniform
+    assert max(flat.values()) - min(flat.values()) < 1e-3
+    with pytest.raises(ValueError, match="unknown corpora"):
+        config_lib.corpus_mixture(["mimic", "chexpert"])
+
+
+def test_relative_mixture_dirs_are_under_data_root(tmp_path):
+    c = config_lib.base()
+    c.data.update(root="gs://bucket/cxr", mixture=(("chexpert", 0.5), ("/mnt/nih", 0.5)))
+    assert train.ensure_data(c, tmp_path) == [("gs://bucket/cxr/chexpert", 0.5),
+                                              ("/mnt/nih", 0.5)]
