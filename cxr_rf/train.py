@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from cxr_rf import checkpoint, conditioning, outputs, sharding
 from cxr_rf import config as config_lib
 from cxr_rf import step as step_lib
-from cxr_rf.data import convert, pipeline
+from cxr_rf.data import convert, pipeline, schema
 from cxr_rf.model import build_model
 
 FLAGS = flags.FLAGS
@@ -46,7 +46,12 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
         root = cfg.data.get("root", "")
         return [(str(d) if not root or _absolute(str(d)) else str(epath.Path(root) / str(d)),
                  float(w)) for d, w in cfg.data.mixture]
+    if cfg.data.dir:
+        schema.filesystem_path(cfg.data.dir, "data.dir")
     path = data_dir(cfg, workdir)
+    if "://" in str(path):
+        raise ValueError(f"workdir {workdir} is a URL: the phantom dataset cannot be converted "
+                         f"into it; convert it to a filesystem path and set data.dir")
     if (path / "dataset_info.json").exists():
         return str(path)
     if cfg.data.dir:

@@ -64,3 +64,32 @@ def test_relative_mixture_dirs_are_under_data_root(tmp_path):
     c.data.update(root="gs://bucket/cxr", mixture=(("chexpert", 0.5), ("/mnt/nih", 0.5)))
     assert train.ensure_data(c, tmp_path) == [("gs://bucket/cxr/chexpert", 0.5),
                                               ("/mnt/nih", 0.5)]
+
+
+# Cloud paths: checkpoints/logs go to gs:// directly; ArrayRecord data needs a filesystem path.
+
+def test_url_datasets_are_refused_in_one_line():
+    from cxr_rf.data import pipeline
+    with pytest.raises(ValueError, match="gcsfuse") as e:
+        pipeline.parse_mixture([("/mnt/a", 1.0), ("gs://bucket/cxr/chexpert", 1.0)])
+    assert "\n" not in str(e.value)
+
+
+def test_conversion_into_a_url_is_refused():
+    from cxr_rf.data import convert
+    from cxr_rf.data.sources import SourceOptions
+    with pytest.raises(convert.UsageError, match="is a URL"):
+        convert.convert("phantom", "gs://bucket/cxr/phantom", SourceOptions(num=4, resolution=32))
+
+
+def test_phantom_data_is_not_converted_into_a_url_workdir():
+    from etils import epath
+    with pytest.raises(ValueError, match="set data.dir"):
+        train.ensure_data(config_lib.base(), epath.Path("gs://bucket/runs/smoke"))
+
+
+def test_a_url_data_dir_is_refused_before_any_io(tmp_path):
+    c = config_lib.base()
+    c.data.dir = "gs://bucket/cxr/phantom"
+    with pytest.raises(ValueError, match="gcsfuse"):
+        train.ensure_data(c, tmp_path)

@@ -212,6 +212,22 @@ def test_param_count_formula_matches_experiment(path):
     assert model.cfg == mcfg
     assert _leaf_count(abstract_params(model, int(cfg.data.resolution))) == param_count(mcfg)
     assert flops_per_image(mcfg, int(cfg.data.resolution)) > 0
+    if mcfg.width == 64 * mcfg.depth and mcfg.depth >= 12:     # SD3-sized: the 36·d·(64d)² rule
+        assert abs(approx_param_count(mcfg) / param_count(mcfg) - 1) < 0.03
+
+
+@pytest.mark.parametrize("name, low, high", [
+    ("cxr_b", 0.25e9, 0.35e9), ("cxr_xl", 1.3e9, 1.5e9), ("cxr_3b", 2.9e9, 3.5e9),
+    ("cxr_8b", 7.5e9, 8.5e9)])
+def test_radit_class_experiments_have_their_named_size(name, low, high):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    mcfg = ModelConfig.from_config(cfg)
+    assert low <= param_count(mcfg) <= high
+    assert (mcfg.width, mcfg.heads) == (64 * mcfg.depth, mcfg.depth)    # SD3 size rule
+    assert cfg.data.resolution == 512
 
 
 @pytest.mark.parametrize("depth,bound", [(12, 0.03), (24, 0.015), (38, 0.01)])

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cxr_rf.data import imaging, sources, worker
+from cxr_rf.data import imaging, schema, sources, worker
 from cxr_rf.data import stats as stats_lib
 from cxr_rf.data.plan import DEFAULT_SHARD_SIZE, SPLIT_FRACTIONS, Plan, Unit, make_plan, patient_split
 from cxr_rf.data.sources import Item, Reject, SourceError, SourceOptions
@@ -161,7 +161,10 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
     re-import the main script, as multiprocessing always does outside fork).
     """
     _check_args(source, opts, shards, shard_size, workers, fit, max_reject_fraction, name)
-    out = Path(out_dir).absolute()
+    try:
+        out = Path(schema.filesystem_path(out_dir, "output")).absolute()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     state = _output_state(out, overwrite)
     try:
         plan = make_plan(_entries(source, opts), shards=shards, shard_size=shard_size, settings={

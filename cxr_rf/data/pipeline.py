@@ -109,8 +109,8 @@ def _source_dataset(data_dir: str, split: str, *, seed: int, shuffle: bool,
 def parse_mixture(data_dir: str | Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     """A dataset directory, or (directory, weight) pairs, as normalised (dir, weight) pairs."""
     if isinstance(data_dir, (str, os.PathLike)):
-        return [(os.fspath(data_dir), 1.0)]
-    pairs = [(os.fspath(d), float(w)) for d, w in data_dir]
+        return [(schema.filesystem_path(data_dir, "dataset"), 1.0)]
+    pairs = [(schema.filesystem_path(d, "dataset"), float(w)) for d, w in data_dir]
     if not pairs or any(w <= 0 for _, w in pairs):
         raise ValueError(f"a mixture needs one or more (dir, weight) pairs with weight > 0; "
                          f"got {list(data_dir)!r}")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -89,6 +90,21 @@ def _check_findings(findings: Any) -> np.ndarray:
         raise ValueError(f"Record.findings codes must be in 0..{len(cond.STATES) - 1} "
                          f"({', '.join(cond.STATES)}); got {arr.tolist()}")
     return arr.astype(np.int8)
+
+
+def filesystem_path(path: str | os.PathLike, what: str) -> str:
+    """``path`` if it is a filesystem path; a URL (gs://, s3://) is refused in one line.
+
+    ArrayRecord files are read and written through POSIX file descriptors, so a dataset in a
+    bucket is used through a gcsfuse mount (or a local copy); checkpoints and logs, unlike
+    data, go to gs:// directly (Orbax, etils.epath).
+    """
+    path = os.fspath(path)
+    if "://" in path:
+        raise ValueError(f"{what} {path} is a URL, but ArrayRecord datasets are read and written "
+                         f"through filesystem paths: mount the bucket with gcsfuse (e.g. "
+                         f"/gcs/BUCKET/...) or copy it to local disk (BUILD_NOTES.md: Cloud paths)")
+    return path
 
 
 def hash_id(raw: str, salt: str) -> str:
