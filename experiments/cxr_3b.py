@@ -2,7 +2,7 @@
 256² → 512², same recipe and token budget per stage as cxr_xl.
 
     python -m cxr_rf.aot --config experiments/cxr_3b.py --topology v5p:4x4x8
-    launch/tpu_pod.sh --name cxr-3b --type v5p-256 --config experiments/cxr_3b.py \
+    launch/tpu_pod.sh --name cxr-3b --type v5p-256 --mount BUCKET --config experiments/cxr_3b.py \
         --workdir gs://BUCKET/runs/cxr_3b -- --config.data.root=/gcs/BUCKET/cxr
 """
 from cxr_rf import config

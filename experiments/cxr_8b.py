@@ -2,7 +2,7 @@
 256² → 512²; full rematerialisation and a tensor-parallel axis of 4 (FSDP over the rest).
 
     python -m cxr_rf.aot --config experiments/cxr_8b.py --topology v5p:8x8x8
-    launch/tpu_pod.sh --name cxr-8b --type v5p-1024 --config experiments/cxr_8b.py \
+    launch/tpu_pod.sh --name cxr-8b --type v5p-1024 --mount BUCKET --config experiments/cxr_8b.py \
         --workdir gs://BUCKET/runs/cxr_8b -- --config.data.root=/gcs/BUCKET/cxr
 """
 from cxr_rf import config

@@ -4,7 +4,7 @@ space, patch 16, 256² → 512² on the CXR7-style corpora mixture (config.found
 Plan it (no TPU needed; `pip install -e ".[tpu]"`), then launch it:
 
     python -m cxr_rf.aot --config experiments/cxr_b.py --topology v5p:2x2x2
-    launch/tpu_pod.sh --name cxr-b --type v5p-16 --config experiments/cxr_b.py \
+    launch/tpu_pod.sh --name cxr-b --type v5p-16 --mount BUCKET --config experiments/cxr_b.py \
         --workdir gs://BUCKET/runs/cxr_b -- --config.data.root=/gcs/BUCKET/cxr
 """
 from cxr_rf import config

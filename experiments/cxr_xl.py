@@ -3,7 +3,7 @@ pixel space, patch 16, 512² output, trained on 1.6T image tokens like RadiT XL:
 256² (256 tokens/image) then 1.475M steps at 512² (1024 tokens/image), global batch 1024.
 
     python -m cxr_rf.aot --config experiments/cxr_xl.py --topology v5p:4x4x4
-    launch/tpu_pod.sh --name cxr-xl --type v5p-128 --config experiments/cxr_xl.py \
+    launch/tpu_pod.sh --name cxr-xl --type v5p-128 --mount BUCKET --config experiments/cxr_xl.py \
         --workdir gs://BUCKET/runs/cxr_xl -- --config.data.root=/gcs/BUCKET/cxr
 """
 from cxr_rf import config
