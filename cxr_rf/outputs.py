@@ -58,16 +58,23 @@ def write_manifest(path: str | epath.Path, rows: Iterable[Mapping]) -> None:
 
 
 class MetricWriter:
-    """TensorBoard scalars via tensorboardX (no TensorFlow)."""
+    """TensorBoard scalars via tensorboardX (no TensorFlow).
 
-    def __init__(self, logdir: str | epath.Path):
+    Local event files are flushed at every call. On gs:// tensorboardX re-uploads the whole
+    events object at each flush (and GCS allows about one write per second per object), so
+    there the writer flushes every ``remote_flush_secs`` and on close instead.
+    """
+
+    def __init__(self, logdir: str | epath.Path, remote_flush_secs: int = 60):
         from tensorboardX import SummaryWriter
-        self._w = SummaryWriter(str(logdir))
+        self._remote = "://" in str(logdir)
+        self._w = SummaryWriter(str(logdir), flush_secs=remote_flush_secs)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for k, v in values.items():
             self._w.add_scalar(k, v, step)
-        self._w.flush()
+        if not self._remote:
+            self._w.flush()
 
     def close(self) -> None:
         self._w.close()
