@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cxr_rf import conditioning
+from cxr_rf.hardware import PEAK_FLOPS
 from cxr_rf.model import flops_per_image, ModelConfig
 
 FLAGS = flags.FLAGS
@@ -40,16 +41,6 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-# Published dense peak FLOP/s per device (jax.Device.device_kind substring -> (bf16, f32)).
-# f32 on GPU is TF32 (XLA's default matmul precision); TPUs run f32 matmuls as bf16 passes.
-PEAK_FLOPS = (
-    ("H200", 989e12, 494e12), ("H100", 989e12, 494e12), ("B200", 2250e12, 1100e12),
-    ("A100", 312e12, 156e12), ("L4", 121e12, 60e12), ("A10G", 70e12, 35e12),
-    ("TPU v6", 918e12, 918e12), ("TPU v5p", 459e12, 459e12), ("TPU v5 lite", 197e12, 197e12),
-    ("TPU v5e", 197e12, 197e12), ("TPU v4", 275e12, 275e12), ("TPU v3", 61.5e12, 61.5e12),
-)
 
 
 def device_peak(dtype) -> tuple[float, str]:
@@ -73,7 +64,7 @@ def peak_memory(trainer, state, batch) -> tuple[int, str]:
         return int(stats["peak_bytes_in_use"]), "device allocator peak"
     from cxr_rf import sharding
     with sharding.use(trainer.mesh):
-        m = trainer._train_step.lower(state, trainer.global_batch(batch)).compile().memory_analysis()
+        m = trainer.jitted_step.lower(state, trainer.global_batch(batch)).compile().memory_analysis()
     if m is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
