@@ -7,6 +7,7 @@ Parameters and activations are annotated with logical names in the model (see
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
 from typing import Any, Mapping
@@ -64,6 +65,10 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+# The mesh of the innermost ``use`` (read by ``constrain`` while tracing).
+_CURRENT: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("cxr_rf_mesh", default=None)
+
+
 @contextlib.contextmanager
 def use(mesh: Mesh):
     """Make ``mesh`` and the logical-axis RULES current (for tracing and running steps).
@@ -72,10 +77,30 @@ def use(mesh: Mesh):
     applies the scanned parameters' stacked ("layers", ...) constraint to the per-layer value
     during init and fails on the rank mismatch.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*context manager has been deprecated")
-        with mesh, nn.logical_axis_rules(RULES):
-            yield
+    token = _CURRENT.set(mesh)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*context manager has been deprecated")
+            with mesh, nn.logical_axis_rules(RULES):
+                yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical names, on the mesh of the enclosing ``use``
+    (a no-op outside one, e.g. in the single-device sampler).
+
+    Not ``nn.with_logical_constraint``: flax 0.12.8 applies it only when jax's abstract mesh
+    is set, which the legacy ``with mesh`` of ``use`` does not do, so it silently did nothing
+    and GSPMD was free to replicate activations over fsdp (compute and memory of the global
+    batch on every chip). ``tests/test_scale.py`` checks the compiled per-device FLOPs.
+    """
+    mesh = _CURRENT.get()
+    if mesh is None:
+        return x
+    spec = nn.logical_to_mesh_axes(names, RULES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:

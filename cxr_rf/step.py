@@ -11,7 +11,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from cxr_rf import flow
+from cxr_rf import flow, sharding
 
 
 @struct.dataclass
@@ -124,7 +124,7 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
     batch's (data, fsdp) split instead of living on one slice of the devices."""
     b = x.shape[0]
     x = jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
-    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
 def loss_and_grads(params, batch: dict, rng: jax.Array, *, model: nn.Module,

@@ -81,7 +81,8 @@ def _last_json(stdout):
 
 @pytest.mark.slow
 def test_8_device_mesh_equals_1_device_and_params_follow_rules():
-    """data=2, fsdp=2, tensor=2: same losses/params as 1 device; placements; microbatches."""
+    """data=2, fsdp=2, tensor=2: same losses/params as 1 device; placements; microbatches;
+    an all-fsdp mesh compiles to the per-device FLOPs/temporaries of an all-data one."""
     out = _last_json(_run([sys.executable, WORKER, "sharded"]).stdout)
     assert out["ok"] and out["params_checked"] > 50
 

@@ -3,7 +3,7 @@
 Logical axis names
 ------------------
 Every parameter is created through ``nn.with_logical_partitioning`` and the main activations
-pass through ``nn.with_logical_constraint``; ``cxr_rf/sharding.py`` maps these names to mesh
+pass through ``constrain`` (``sharding.constrain``); ``cxr_rf/sharding.py`` maps these names to mesh
 axes. Names not listed in its rules are replicated (flax's default for unmatched names).
 
     batch    examples in a batch                                    (activations)
@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from cxr_rf import sharding
+
 Dtype = Any
 FREQ_DIM = 256  # width of the sinusoidal timestep features, as in DiT
 ATTN_OUT = "attn_out"  # checkpoint_name of the joint-attention output (see "save_attn")
@@ -68,8 +70,8 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Logical sharding constraint (a no-op outside a mesh + axis-rules context)."""
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint (a no-op outside ``sharding.use``)."""
+    return sharding.constrain(x, names)
 
 
 def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
