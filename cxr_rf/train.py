@@ -190,11 +190,18 @@ class Stages:
         stage = config_lib.stage_at(self.cfg, step)
         if self.stage is not None and stage.index == self.stage.index:
             return False
+        self.close()
         self.stage, self.cfg_at = stage, config_lib.for_stage(self.cfg, stage)
         self.trainer = Trainer(self.cfg_at, self.devices)
         self.data_iter = iter(make_loader(self.cfg_at, self.path, "train", train=True,
                                           stage=stage.index))
         return True
+
+    def close(self) -> None:
+        """Stop the current iterator's Grain worker processes (if any)."""
+        close = getattr(self.data_iter, "close", None)
+        if close:
+            close()
 
     def iterator_for(self, step: int):
         """The data iterator a checkpoint of ``step`` restores into."""
@@ -232,6 +239,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     finally:
         stop.close()
         mngr.close()
+        stages.close()
 
 
 def _loop(cfg, workdir, path, stages, state, mngr, start, stop, stop_at) -> dict:

@@ -24,27 +24,10 @@ from cxr_rf import step as step_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "scale_config.py")
 WORKER = os.path.join(ROOT, "tests", "scale_worker.py")
+# Subprocesses inherit the session's persistent compilation cache (tests/conftest.py): the
+# same tiny step, compiled by many runs and restarts, compiles once.
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 ENV.pop("XLA_FLAGS", None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent XLA cache for this module and its subprocesses: the same tiny step is
-    compiled by many runs and restarts; compiling it once keeps the module fast."""
-    d = str(tmp_path_factory.mktemp("xla_cache"))
-    ENV.update(JAX_COMPILATION_CACHE_DIR=d, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", d)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    from jax._src import compilation_cache  # the cache is set up once per process; redo it
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
 
 
 def tiny(**train_kw):
