@@ -109,6 +109,7 @@ class Trainer:
         with sharding.use(self.mesh):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
             self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
+            sharding.check_divisible(boxed.params, self.mesh)
             sharding.check_replication(boxed.params, self.mesh, cfg.mesh.max_replicated)
             self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)

@@ -41,3 +41,18 @@ def test_every_logical_name_of_the_model_has_a_rule():
         names.update(n for n in spec if n is not None)
     ruled = {name for name, _ in sharding.RULES}
     assert names <= ruled, f"logical names without a rule: {sorted(names - ruled)}"
+
+
+def test_mesh_sizes_must_divide_the_dimensions_they_split():
+    """38 heads over tensor=4 (cxr_8b's first mesh) fails in one line before compiling."""
+    from cxr_rf import config
+    from cxr_rf.model import abstract_params, build_model
+    c = config.base()
+    c.model.update(width=48, heads=3)               # 3 heads, width 48
+    boxed = abstract_params(build_model(c), 32)
+    sharding.check_divisible(boxed, jax.sharding.AbstractMesh((1, 4, 1), sharding.MESH_AXES))
+    with pytest.raises(ValueError, match=r"along 'heads' .* does not split into 2 \(tensor\)") as e:
+        sharding.check_divisible(boxed, jax.sharding.AbstractMesh((1, 1, 2), sharding.MESH_AXES))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="does not split into 5 \\(fsdp\\)"):
+        sharding.check_divisible(boxed, jax.sharding.AbstractMesh((1, 5, 1), sharding.MESH_AXES))
