@@ -126,7 +126,7 @@ def corpus_mixture(names=None, temperature: float = 1.0) -> tuple:
 def foundation(depth: int) -> ml_collections.ConfigDict:
     """The RadiT-class recipe shared by experiments/cxr_*.py: an SD3-sized pixel-space MMDiT
     on the converted corpora mixture, bf16 compute on an FSDP mesh, 256² → 512² progressive
-    training. A variant sets the depth and the few lines that differ."""
+    training on 1.6T image tokens. A variant sets the depth and the few lines that differ."""
     c = base()
     d = c.data                 # set d.root: where the converted corpora live (/mnt/cxr, gs://B/cxr)
     d.mixture = corpus_mixture()
@@ -134,12 +134,15 @@ def foundation(depth: int) -> ml_collections.ConfigDict:
     d.resolution = 512
     d.worker_count = 16        # Grain decode processes per host
     d.prefetch = 4
-    c.model.update(patch=16, mlp_ratio=4.0, dtype="bfloat16", remat="dots", **sd3_size(depth))
+    # No recompute; activation memory is cut with train.microbatches (sized by python -m cxr_rf.aot).
+    c.model.update(patch=16, mlp_ratio=4.0, dtype="bfloat16", remat="none", **sd3_size(depth))
     c.flow.prediction = "x"    # large pixel patches: predict x, take the loss on v (reference)
     c.optim.update(lr=1e-4, warmup_steps=10_000, weight_decay=0.0, ema_decay=0.9999)
-    c.train.update(steps=500_000, batch_size=1024, log_every=100, eval_every=5_000,
+    # RadiT XL's budget of 1.6T image tokens: 250k steps at 256² (256 tokens per image), then
+    # 1.475M at 512² (1024 tokens per image).
+    c.train.update(steps=1_725_000, batch_size=1024, log_every=100, eval_every=5_000,
                    eval_batches=8, ckpt_every=2_000, ckpt_keep=3, ckpt_keep_period=50_000,
-                   sample_every=25_000, stages=((0, 256), (200_000, 512)))
+                   sample_every=25_000, stages=((0, 256), (250_000, 512)))
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c
 
@@ -177,10 +180,10 @@ def stages(cfg: ml_collections.ConfigDict) -> list[Stage]:
             for i, (s, a, e) in enumerate(zip(spec, starts, ends))]
 
 
-def stage_at(cfg: ml_collections.ConfigDict, step: int) -> Stage:
-    """The stage that trains ``step`` (1-based; step 0, before training, is in the first)."""
-    all_stages = stages(cfg)
-    return next((s for s in all_stages if step <= s.end), all_stages[-1])
+def stage_at(schedule: list[Stage], step: int) -> Stage:
+    """The stage of ``schedule`` (from ``stages``) that trains ``step`` (1-based; step 0, before
+    training, is in the first)."""
+    return next((s for s in schedule if step <= s.end), schedule[-1])
 
 
 def for_stage(cfg: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:

@@ -154,14 +154,14 @@ def check_streak(streak: int, limit: int, step: int) -> None:
             f"updates were skipped, stopping (train.max_nonfinite={limit})")
 
 
-def restore_or_start(cfg, mngr, state, data_iter=None, iter_for_step=None) -> tuple[int, Any]:
+def restore_or_start(cfg, mngr, state, iter_for_step=None) -> tuple[int, Any]:
     """(start step, state): the newest readable checkpoint, or step 0 for an empty workdir.
     ``iter_for_step(step)`` gives the data iterator a checkpoint of ``step`` restores into
-    (its resolution stage's); ``data_iter`` is the one iterator of a single-stage caller."""
+    (its resolution stage's); None restores the state alone."""
     if not mngr.all_steps():
         return 0, state
     try:
-        start, state = checkpoint.restore_latest(mngr, checkpoint.abstract(state), data_iter,
+        start, state = checkpoint.restore_latest(mngr, checkpoint.abstract(state), None,
                                                  iter_for_step=iter_for_step)
     except checkpoint.RestoreError:
         if not cfg.train.fresh_start_if_unreadable:
@@ -179,8 +179,9 @@ class Stages:
     (its batch shape and timestep shift; the state's shapes and shardings are the same in all)
     and its own data iterator, a fresh seeded pass at its resolution."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, path, devices=None):
-        self.cfg, self.path, self.devices = cfg, path, devices
+    def __init__(self, cfg: ml_collections.ConfigDict, schedule: list[config_lib.Stage], path,
+                 devices=None):
+        self.cfg, self.schedule, self.path, self.devices = cfg, schedule, path, devices
         self.stage: config_lib.Stage | None = None
         self.cfg_at: ml_collections.ConfigDict | None = None
         self.trainer: Trainer | None = None
@@ -188,7 +189,9 @@ class Stages:
 
     def enter(self, step: int) -> bool:
         """Make the stage that trains ``step`` current; returns whether it changed."""
-        stage = config_lib.stage_at(self.cfg, step)
+        if self.stage is not None and self.stage.start < step <= self.stage.end:
+            return False            # the per-step case: two integer comparisons
+        stage = config_lib.stage_at(self.schedule, step)
         if self.stage is not None and stage.index == self.stage.index:
             return False
         self.close()
@@ -221,13 +224,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     """
     workdir = epath.Path(workdir)
     stop_at = stop_at if stop_at is not None else (cfg.train.stop_at or None)
-    config_lib.stages(cfg)  # a bad schedule fails before any work
+    schedule = config_lib.stages(cfg)  # a bad schedule fails before any work
     lead = jax.process_index() == 0
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     path = ensure_data(cfg, workdir)
-    stages = Stages(cfg, path, devices)
+    stages = Stages(cfg, schedule, path, devices)
     stages.enter(0)
     t = cfg.train
     mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,

@@ -24,7 +24,7 @@ def test_stages_cover_the_run_and_carry_their_batch():
     a, b = config_lib.stages(c)
     assert (a.start, a.end, a.resolution, a.batch_size) == (0, 40, 32, 64)
     assert (b.start, b.end, b.resolution, b.batch_size) == (40, 100, 64, 32)
-    assert [config_lib.stage_at(c, k).index for k in (0, 1, 40, 41, 100)] == [0, 0, 0, 1, 1]
+    assert [config_lib.stage_at([a, b], k).index for k in (0, 1, 40, 41, 100)] == [0, 0, 0, 1, 1]
     sc = config_lib.for_stage(c, a)
     assert (sc.data.resolution, sc.train.batch_size, c.data.resolution) == (32, 64, 64)
 
