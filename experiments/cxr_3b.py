@@ -11,7 +11,5 @@ from cxr_rf import config
 def get_config(arg=None):
     del arg
     c = config.foundation(depth=28)
-    c.model.remat = "none"
-    c.train.update(steps=1_725_000, stages=((0, 256), (250_000, 512)))
     c.train.microbatches = 2  # v5p:4x4x8, 512²: 44 GiB of 95 per chip (aot)
     return c

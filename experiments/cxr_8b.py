@@ -12,7 +12,5 @@ from cxr_rf import config
 def get_config(arg=None):
     del arg
     c = config.foundation(depth=38)
-    c.model.remat = "none"
-    c.train.update(steps=1_725_000, stages=((0, 256), (250_000, 512)))
     c.mesh.update(data=-1, fsdp=128, tensor=1)  # 38 heads: tensor=4 does not divide; width 2432 = 128·19
     return c

@@ -13,7 +13,6 @@ from cxr_rf import config
 def get_config(arg=None):
     del arg
     c = config.foundation(depth=13)
-    c.model.remat = "none"
     c.optim.lr = 2e-4
     c.train.update(steps=500_000, stages=((0, 256), (200_000, 512)))
     c.train.microbatches = 4  # v5p:2x2x2, 512²: 77 GiB of 95 per chip (aot)

@@ -12,7 +12,5 @@ from cxr_rf import config
 def get_config(arg=None):
     del arg
     c = config.foundation(depth=21)
-    c.model.remat = "none"
-    c.train.update(steps=1_725_000, stages=((0, 256), (250_000, 512)))
     c.train.microbatches = 2  # v5p:4x4x4, 512²: 49 GiB of 95 per chip (aot)
     return c
