@@ -32,18 +32,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
 import time
-import traceback
 from typing import Any
 
 import ml_collections
 
 from cxr_rf import config as config_lib
-from cxr_rf import hardware
+from cxr_rf import errors, hardware
 
 TPU_EXTRA = "install the tpu extra: pip install -e '.[tpu]'"
 TOPOLOGY_RE = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+){1,2})$")
@@ -52,7 +50,7 @@ EXAMPLES = "e.g. v5e:4x4, v5p:2x2x2, v6e:8x8, v4:2x2x2"
 GiB = 2**30
 
 
-class PlanError(ValueError):
+class PlanError(errors.UserError):
     """Bad input to the planner (topology, config, stage, missing libtpu): one line, exit 2."""
 
 
@@ -192,10 +190,7 @@ def _stage_config(cfg: ml_collections.ConfigDict, stage: int | None,
         # Every stage trains at the same global batch: per-device × the batch shards.
         cfg.train.batch_size = per_device_batch * batch_shards
         cfg.train.stages = tuple((s[0], s[1]) for s in cfg.train.stages)
-    try:
-        all_stages = config_lib.stages(cfg)
-    except ValueError as e:
-        raise PlanError(str(e)) from None
+    all_stages = config_lib.stages(cfg)     # a bad schedule is a UserError (exit 2)
     index = len(all_stages) - 1 if stage is None else stage
     if not 0 <= index < len(all_stages):
         raise PlanError(f"--stage {stage} does not exist; stages: 0..{len(all_stages) - 1} "
@@ -204,29 +199,11 @@ def _stage_config(cfg: ml_collections.ConfigDict, stage: int | None,
     return cfg, st, config_lib.for_stage(cfg, st)
 
 
-def abstract_inputs(trainer, scfg: ml_collections.ConfigDict):
-    """(abstract TrainState, abstract batch) with the step's input shardings attached."""
-    import jax
-    import jax.numpy as jnp
-    from cxr_rf import conditioning
-    shapes = jax.eval_shape(trainer.init_state)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         shapes, trainer.state_sharding)
-    b, r = scfg.train.batch_size, scfg.data.resolution
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, r, r, scfg.model.in_channels), jnp.float32,
-                                      sharding=trainer.batch_sharding),
-        "tokens": jax.ShapeDtypeStruct((b, conditioning.num_tokens(scfg.data.report_len)),
-                                       jnp.int32, sharding=trainer.batch_sharding)}
-    return state, batch
-
-
-def _compile(trainer, scfg):
+def _compile(trainer):
     """The compiled train step (XLA:TPU, for the topology's devices)."""
     from cxr_rf import sharding
-    state, batch = abstract_inputs(trainer, scfg)
     with sharding.use(trainer.mesh):
-        return trainer.jitted_step.lower(state, batch).compile()
+        return trainer.jitted_step.lower(*trainer.abstract_inputs()).compile()
 
 
 def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = None,
@@ -237,14 +214,11 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
     per-chip memory is within the chip's HBM. Raises PlanError for bad input.
     """
     from cxr_rf import sharding
-    from cxr_rf.train import Trainer
+    from cxr_rf.trainer import Trainer
 
     topo = tpu_topology(topology)
     chip = hardware.chip(topo.device_kind)
-    try:
-        shape = sharding.mesh_shape(cfg.mesh, len(topo.devices))
-    except ValueError as e:
-        raise PlanError(str(e)) from None
+    shape = sharding.mesh_shape(cfg.mesh, len(topo.devices))
     mesh = dict(zip(sharding.MESH_AXES, shape))
     shards = mesh["data"] * mesh["fsdp"]
     run_cfg, st, scfg = _stage_config(cfg, stage, per_device_batch, shards)
@@ -252,10 +226,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
     peak = hardware.peak_flops(topo.device_kind, dtype)
     hbm_device = chip.hbm // topo.devices_per_chip
     t0 = time.perf_counter()
-    try:
-        trainer = Trainer(scfg, topo.devices)
-    except ValueError as e:
-        raise PlanError(str(e)) from None
+    trainer = Trainer(scfg, topo.devices)   # bad mesh / batch / model: UserError (exit 2)
 
     b, r, micro = scfg.train.batch_size, scfg.data.resolution, int(scfg.train.microbatches)
     dpc = topo.devices_per_chip
@@ -270,7 +241,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
         "peak_flops_per_chip": peak, "mfu": mfu,
     }
     try:
-        compiled = _compile(trainer, scfg)
+        compiled = _compile(trainer)
     except Exception as e:  # XLA:TPU refuses a program that exceeds HBM at compile time
         oom = parse_hbm_oom(str(e))
         if oom is None:
@@ -378,38 +349,31 @@ def verdict(p: dict) -> str:
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
     from absl import flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py).")
+    from cxr_rf import cli
+    cli.define_config("config", "Experiment file (experiments/NAME.py).")
     flags.DEFINE_string("topology", None, f"TPU topology, chips per axis ({EXAMPLES}).")
     flags.DEFINE_integer("per_device_batch", None, "Global batch = this × data × fsdp, for "
                          "every stage (default: the config's batches).")
     flags.DEFINE_integer("stage", None, "Resolution stage to compile (default: the last).")
     flags.DEFINE_float("mfu", 0.4, "Model-FLOPs utilisation the projections assume.")
     flags.DEFINE_string("json", None, "Write every number of the plan to this JSON file.")
-
-
-def _fail(message: str) -> None:
-    """One-line error, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.check_number("per_device_batch", 1)
+    cli.check_number("stage", 0)
+    cli.check_number("mfu", 0, 1, lo_open=True)
 
 
 def main(argv) -> None:
+    # PlanError and the config's own checks are errors.UserError: one line, exit 2 through
+    # cli.run, before anything compiles where the flags alone decide.
     from absl import flags
+    from cxr_rf import cli
     flags_ = flags.FLAGS
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if flags_.config is None or flags_.topology is None:
-        _fail("--config and --topology are required (see --help)")
-    try:
-        p = plan(flags_.config, flags_.topology, stage=flags_.stage,
-                 per_device_batch=flags_.per_device_batch, mfu=flags_.mfu)
-    except ValueError as e:  # PlanError, and the config's own checks (mesh, batch, model)
-        _fail(str(e))
-    except Exception:  # noqa: BLE001 - exit 1 means "does not fit"; a crash must not read so
-        traceback.print_exc()
-        print("error: the plan failed unexpectedly (traceback above)", file=sys.stderr)
-        sys.exit(3)
+    cli.no_arguments(argv)
+    cli.require("config", "topology")
+    if flags_.json:
+        cli.output_file(flags_.json, "--json")
+    p = plan(flags_.config, flags_.topology, stage=flags_.stage,
+             per_device_batch=flags_.per_device_batch, mfu=flags_.mfu)
     print("\n".join(report(p)))
     if flags_.json:
         with open(flags_.json, "w") as f:
@@ -429,6 +393,7 @@ def _quiet_environment() -> None:
 
 if __name__ == "__main__":
     _quiet_environment()
-    from absl import app
-    _define_flags()
-    app.run(main)
+    from cxr_rf import cli
+    # Exit status 1 is this command's "does not fit", and also what Python exits with after an
+    # uncaught exception: a crash exits 3 instead (with its traceback) so it cannot read as one.
+    cli.run(main, _define_flags, crash_status=3)

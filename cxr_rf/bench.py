@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from cxr_rf import conditioning
+from cxr_rf import cli, conditioning, errors
+from cxr_rf import step as step_lib
 from cxr_rf.hardware import PEAK_FLOPS
 from cxr_rf.model import flops_per_image, ModelConfig
 
@@ -56,7 +55,7 @@ def device_peak(dtype) -> tuple[float, str]:
     return measured, "measured matmul"
 
 
-def peak_memory(trainer, state, batch) -> tuple[int, str]:
+def peak_memory(trainer) -> tuple[int, str]:
     """(peak bytes on one device, source): the allocator's peak where the runtime reports it
     (GPU/TPU), else XLA's compiled memory analysis of the step (arguments + temporaries)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -64,7 +63,7 @@ def peak_memory(trainer, state, batch) -> tuple[int, str]:
         return int(stats["peak_bytes_in_use"]), "device allocator peak"
     from cxr_rf import sharding
     with sharding.use(trainer.mesh):
-        m = trainer.jitted_step.lower(state, trainer.global_batch(batch)).compile().memory_analysis()
+        m = trainer.jitted_step.lower(*trainer.abstract_inputs()).compile().memory_analysis()
     if m is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
@@ -74,13 +73,15 @@ def peak_memory(trainer, state, batch) -> tuple[int, str]:
 
 def bench_train(cfg, steps: int, warmup: int) -> dict:
     """Time the jitted train step on synthetic batches of the configured shape."""
-    from cxr_rf.train import Trainer
+    from cxr_rf.trainer import Trainer
     trainer = Trainer(cfg)
     state = trainer.init_state()
     b, r = cfg.train.batch_size, cfg.data.resolution
+    shapes = step_lib.dummy_batch(cfg)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (b, r, r, cfg.model.in_channels)).astype(np.float32),
-             "tokens": np.tile(conditioning.null_tokens(cfg.data.report_len), (b, 1))}
+    batch = {"image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
+             "tokens": np.broadcast_to(conditioning.null_tokens(cfg.data.report_len),
+                                       shapes["tokens"].shape)}
     for _ in range(warmup):
         state, m = trainer.train_step(state, batch)
     jax.block_until_ready(state)
@@ -94,7 +95,7 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     n = trainer.mesh.size
     peak_dev, peak_src = device_peak(dtype)
-    mem, mem_src = peak_memory(trainer, state, batch)
+    mem, mem_src = peak_memory(trainer)
     return {"images_per_s": b / dt, "images_per_s_per_device": b / dt / n, "step_s": dt,
             "flops_per_image": fpi, "achieved_flops": fpi * b / dt, "peak_flops": peak_dev * n,
             "peak_source": peak_src, "mfu": fpi * b / dt / (peak_dev * n), "devices": n,
@@ -105,20 +106,21 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
 
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
-    config_flags.DEFINE_config_file("config", None, "Experiment file.")
+    cli.define_config("config", "Experiment file.")
     flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
     flags.DEFINE_integer("warmup", 3, "Untimed steps (the first compiles).")
+    cli.check_number("steps", 1)
+    cli.check_number("warmup", 0)
 
 
 def main(argv):
+    # A bad mesh / batch / model config is an errors.UserError from the config's own checks:
+    # one line through cli.run; anything else keeps its traceback.
     if len(argv) != 2 or argv[1] not in ("train",):
-        sys.exit("usage: python -m cxr_rf.bench train --config experiments/NAME.py [--steps N]")
-    if FLAGS.config is None:
-        sys.exit("error: --config is required")
-    try:
-        r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
-    except ValueError as e:  # bad mesh / batch / model config: one line, no traceback
-        sys.exit(f"error: {e}")
+        raise errors.UserError("name the benchmark: python -m cxr_rf.bench train --config "
+                               "experiments/NAME.py [--steps N]")
+    cli.require("config")
+    r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     print(f"train step: {r['images_per_s']:.2f} images/s = {r['images_per_s_per_device']:.2f} per "
           f"device ({r['step_s'] * 1e3:.1f} ms/step) on {r['devices']} {r['device_kind']} "
           f"device(s), mesh {r['mesh']}")
@@ -132,5 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)

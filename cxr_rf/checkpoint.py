@@ -22,11 +22,19 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cxr_rf import errors
+
 STATE, DATA = "state", "data"
 
 
-class RestoreError(RuntimeError):
+class RestoreError(errors.RunError):
     """A checkpoint exists but could not be restored."""
+
+
+class NoSuchStep(RestoreError, errors.UserError):
+    """The step asked for has no checkpoint: bad input (exit status 2), and a RestoreError
+    for the callers that catch that."""
+    exit_code = errors.EXIT_USAGE
 
 
 def absolute(directory: str | epath.Path) -> epath.Path:
@@ -74,7 +82,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
     if step is None:
         raise RestoreError(f"no checkpoint in {mngr.directory}")
     if step not in mngr.all_steps():
-        raise RestoreError(
+        raise NoSuchStep(
             f"no checkpoint for step {step} in {mngr.directory}; have {sorted(mngr.all_steps())}")
     args = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:

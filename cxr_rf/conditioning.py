@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cxr_rf import errors
+
 FINDINGS: tuple[str, ...] = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -29,6 +31,10 @@ UNMENTIONED, POSITIVE, NEGATIVE, UNCERTAIN = range(4)
 SEXES: tuple[str, ...] = ("unknown", "M", "F")
 RACES: tuple[str, ...] = ("unknown", "White", "Black", "Asian", "Other")
 VIEWS: tuple[str, ...] = ("unknown", "PA", "AP", "LATERAL")
+# The one list of sources: ``cxr_rf.data.sources`` has a module for each name but "unknown"
+# and derives its list from this one. The position is the token id, which trained checkpoints
+# depend on (tests/test_sources.py pins it): append only, and know that a new source still
+# grows ``vocab_size`` and moves the report ids behind it.
 SOURCES: tuple[str, ...] = (
     "unknown", "phantom", "mimic_cxr_jpg", "chexpert", "nih_cxr14", "padchest", "vindr_cxr",
     "brax", "rexgradient", "openi", "dicom_dir",
@@ -58,7 +64,7 @@ REPORT_PAD = 256
 _REPORT_NULL = 257
 
 
-class ConditionError(ValueError):
+class ConditionError(errors.UserError):
     """A condition name or value outside the vocabulary."""
 
 

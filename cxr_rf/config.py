@@ -6,6 +6,8 @@ import dataclasses
 
 import ml_collections
 
+from cxr_rf import errors
+
 
 def base() -> ml_collections.ConfigDict:
     """The default configuration: a tiny pixel-space model on phantom data."""
@@ -40,6 +42,7 @@ def base() -> ml_collections.ConfigDict:
     m.in_channels = 1
     m.qk_norm = True
     m.pos_embed = "sincos"     # "sincos" (2D, any resolution) or "rope" (2D axial)
+    m.rope_theta = 10_000.0    # rotary base frequency (pos_embed "rope")
     m.scan = True              # nn.scan over blocks
     m.remat = "none"           # none | full | dots | dots_no_batch | save_attn (see model/layers.py)
     m.dtype = "float32"        # compute dtype; params stay in m.param_dtype
@@ -117,7 +120,7 @@ def corpus_mixture(names=None, temperature: float = 1.0) -> tuple:
     names = names or [n for n, _ in CORPORA]
     unknown = sorted(set(names) - set(sizes))
     if unknown:
-        raise ValueError(f"unknown corpora {unknown}; known: {sorted(sizes)}")
+        raise errors.UserError(f"unknown corpora {unknown}; known: {sorted(sizes)}")
     w = {n: sizes[n] ** (1.0 / temperature) for n in names}
     total = sum(w.values())
     return tuple((n, round(w[n] / total, 4)) for n in names)
@@ -163,17 +166,17 @@ def stages(cfg: ml_collections.ConfigDict) -> list[Stage]:
     spec = [tuple(s) for s in t.stages] or [(0, res)]
     for s in spec:
         if len(s) not in (2, 3):
-            raise ValueError(f"train.stages entries are (start_step, resolution[, batch_size]); "
+            raise errors.UserError(f"train.stages entries are (start_step, resolution[, batch_size]); "
                              f"got {s}")
     starts = [int(s[0]) for s in spec]
     if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ValueError(f"train.stages must start at step 0 with increasing start steps; "
+        raise errors.UserError(f"train.stages must start at step 0 with increasing start steps; "
                          f"got starts {starts}")
     if starts[-1] >= t.steps:
-        raise ValueError(f"train.stages: the last stage starts at {starts[-1]}, not before "
+        raise errors.UserError(f"train.stages: the last stage starts at {starts[-1]}, not before "
                          f"train.steps={t.steps}")
     if int(spec[-1][1]) != res:
-        raise ValueError(f"train.stages: the last stage's resolution {spec[-1][1]} must equal "
+        raise errors.UserError(f"train.stages: the last stage's resolution {spec[-1][1]} must equal "
                          f"data.resolution={res} (the resolution the model samples at)")
     ends = starts[1:] + [t.steps]
     return [Stage(i, a, e, int(s[1]), int(s[2]) if len(s) == 3 and s[2] else t.batch_size)

@@ -12,10 +12,14 @@ with jit / pjit / scan and is reused by the train step, the sampler CLI and the 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from cxr_rf import errors
 
 PREDICTIONS = ("v", "x")
 METHODS = ("euler", "heun")
@@ -25,12 +29,12 @@ VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        raise errors.UserError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(METHODS)}")
+        raise errors.UserError(f"unknown sampling method {method!r}; allowed: {', '.join(METHODS)}")
 
 
 def _bcast(t_B: jax.Array, x: jax.Array) -> jax.Array:
@@ -57,8 +61,52 @@ def shift_t(t, shift):
 def resolution_shift(num_tokens: int, base_tokens: int) -> float:
     """SD3 automatic shift alpha = sqrt(num_tokens / base_tokens) (1.0 at the base resolution)."""
     if num_tokens <= 0 or base_tokens <= 0:
-        raise ValueError(f"token counts must be positive, got {num_tokens=}, {base_tokens=}")
+        raise errors.UserError(f"token counts must be positive, got {num_tokens=}, {base_tokens=}")
     return float((num_tokens / base_tokens) ** 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSettings:
+    """The flow knobs of an experiment, ``cfg.flow`` one to one: ``FlowSettings(**cfg.flow)``.
+
+    Frozen and hashable, so a jitted step takes it as a static argument. ``shift == 0`` means
+    automatic (SD3): sqrt(image tokens / base_tokens), at least 1; ``at(num_tokens)`` resolves
+    it for a resolution, and the step only ever sees resolved settings.
+    """
+    prediction: str = "v"      # network output: "v" (velocity) or "x" (clean image x̂)
+    t_mean: float = 0.0        # logit-normal timesteps: sigmoid(t_mean + t_std * n)
+    t_std: float = 1.0
+    shift: float = 0.0         # SD3 timestep shift; 0 = automatic from the token count
+    base_tokens: int = 256     # token count at which the automatic shift is 1
+    t_eps: float = 0.05        # x-prediction: v = (x_t - x̂) / max(t, t_eps)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise errors.UserError(f"flow.prediction {self.prediction!r} is unknown; allowed: "
+                                   f"{', '.join(PREDICTIONS)}")
+        for name, ok, allowed in (
+                ("t_mean", math.isfinite(self.t_mean), "a finite number"),
+                ("t_std", math.isfinite(self.t_std) and self.t_std > 0, "> 0"),
+                ("shift", math.isfinite(self.shift) and self.shift >= 0, ">= 0 (0 = automatic)"),
+                ("base_tokens", self.base_tokens >= 1, ">= 1"),
+                ("t_eps", 0 < self.t_eps < 1, "in (0, 1)")):
+            if not ok:
+                raise errors.UserError(f"flow.{name} = {getattr(self, name)!r} must be {allowed}")
+
+    def at(self, num_tokens: int) -> "FlowSettings":
+        """These settings with the automatic shift resolved for ``num_tokens`` image tokens."""
+        if self.shift > 0:
+            return self
+        return dataclasses.replace(
+            self, shift=max(1.0, resolution_shift(num_tokens, self.base_tokens)))
+
+    @property
+    def resolved_shift(self) -> float:
+        """The shift to apply; refuses unresolved (automatic) settings instead of using 0."""
+        if self.shift <= 0:
+            raise ValueError("FlowSettings.shift is 0 (automatic): resolve it with "
+                             ".at(num_tokens) before drawing timesteps or sampling")
+        return self.shift
 
 
 def sample_t(rng: jax.Array, batch: int, *, mean: float = 0.0, std: float = 1.0,
@@ -82,37 +130,44 @@ def velocity_from_output(out: jax.Array, x_t: jax.Array, t_B: jax.Array, *, pred
     return (x_t - out) / t
 
 
-def rf_loss(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, rng: jax.Array, *,
-            prediction: str = "v", t_mean: float = 0.0, t_std: float = 1.0, shift: float = 1.0,
-            t_eps: float = 0.05, t_B: jax.Array | None = None):
-    """Rectified-flow loss: MSE in v-space, mean over non-batch dims then over the batch.
+def draw(rng: jax.Array, x0: jax.Array, fs: FlowSettings, t_B: jax.Array | None = None):
+    """(t_B, eps) for a batch x0: logit-normal timesteps with the shift, and Gaussian noise.
 
-    apply_fn(x_t, t_B) returns the network output (v or x̂ according to `prediction`). With t_B
-    given (validation at fixed timesteps) it is used as is; otherwise t is logit-normal + shift.
-    Returns (loss, {"loss_B": per-example loss, "t_B": timesteps used}).
+    Drawn for the WHOLE batch before any split into microbatches, so the loss does not depend
+    on how the batch is split. With ``t_B`` given (validation at fixed timesteps) only the
+    noise is drawn, and it is the same noise as when t is drawn too.
     """
-    _check_prediction(prediction)
-    batch = x0.shape[0]
     rng_t, rng_eps = jax.random.split(rng)
     if t_B is None:
-        t_B = sample_t(rng_t, batch, mean=t_mean, std=t_std, shift=shift)
+        t_B = sample_t(rng_t, x0.shape[0], mean=fs.t_mean, std=fs.t_std, shift=fs.resolved_shift)
+    return t_B, jax.random.normal(rng_eps, x0.shape, dtype=x0.dtype)
+
+
+def loss(apply_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, t_B: jax.Array,
+         eps: jax.Array, fs: FlowSettings) -> jax.Array:
+    """THE rectified-flow loss (training, validation and the analytic tests all call this):
+    per-example MSE in v-space, ``loss_B`` of shape [B], mean over all non-batch dims.
+
+    apply_fn(x_t, t_B) returns the network output: v, or x̂ when ``fs.prediction == "x"``
+    (turned into v by ``velocity_from_output``, so both are trained on the same v-loss).
+    """
+    batch = x0.shape[0]
     # t and the loss arithmetic stay in float32 (at least) even for bf16 data: a bf16 t has only
     # ~3 significant digits and a bf16 residual would round the small late-training losses.
     acc = jnp.promote_types(x0.dtype, jnp.float32)
     t_B = jnp.broadcast_to(jnp.asarray(t_B, dtype=acc), (batch,))
-    eps = jax.random.normal(rng_eps, x0.shape, dtype=x0.dtype)
     x_t = interpolate(x0, eps, t_B)
     out = apply_fn(x_t, t_B)
-    v_pred = velocity_from_output(out.astype(acc), x_t.astype(acc), t_B, prediction=prediction, t_eps=t_eps)
+    v_pred = velocity_from_output(out.astype(acc), x_t.astype(acc), t_B, prediction=fs.prediction,
+                                  t_eps=fs.t_eps)
     target = (eps - x0).astype(acc)
-    loss_B = jnp.mean(jnp.square(v_pred - target).reshape(batch, -1), axis=1)
-    return jnp.mean(loss_B), {"loss_B": loss_B, "t_B": t_B}
+    return jnp.mean(jnp.square(v_pred - target).reshape(batch, -1), axis=1)
 
 
 def timesteps(steps: int, shift: float = 1.0) -> jax.Array:
     """Sampling grid of shape [steps+1] from 1.0 down to 0.0: uniform, then shift_t (endpoints stay exact)."""
     if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise errors.UserError(f"steps must be >= 1, got {steps}")
     return shift_t(jnp.linspace(1.0, 0.0, int(steps) + 1), shift)
 
 

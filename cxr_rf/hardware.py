@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from cxr_rf import errors
+
 GiB = 2**30
 
 
@@ -57,23 +59,19 @@ PEAK_FLOPS: tuple[tuple[str, float, float], ...] = tuple(
 
 
 def chip(device_kind: str) -> Chip:
-    """The table entry of a device_kind; ValueError naming the known kinds when there is none."""
+    """The table entry of a device_kind; a UserError (a topology or device this table does not
+    know) naming the known kinds when there is none."""
     kind = device_kind.lower()
     for c in CHIPS:
         if all(m.lower() in kind for m in c.match):
             return c
     known = ", ".join(sorted({" + ".join(c.match) for c in CHIPS}))
-    raise ValueError(f"unknown accelerator device_kind {device_kind!r}; known: {known}")
+    raise errors.UserError(f"unknown accelerator device_kind {device_kind!r}; known: {known}")
 
 
 def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float:
     """Dense peak FLOP/s of one chip for matmuls in ``dtype`` ("bfloat16" or "float32")."""
     c = chip(device_kind)
     if dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: bfloat16, float32")
+        raise errors.UserError(f"unknown dtype {dtype!r}; allowed: bfloat16, float32")
     return c.bf16 if dtype == "bfloat16" else c.f32
-
-
-def hbm_bytes(device_kind: str) -> int:
-    """High-bandwidth memory of one chip, in bytes."""
-    return chip(device_kind).hbm

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from flax import linen as nn
 
-from cxr_rf import checkpoint, conditioning, flow, outputs
+from cxr_rf import checkpoint, cli, conditioning, errors, flow, outputs
 from cxr_rf import step as step_lib
 from cxr_rf.conditioning import Conditions
 from cxr_rf.model import build_model
@@ -50,22 +48,21 @@ class Sampler:
         self.model = model or build_model(cfg)
         self.resolution = cfg.data.resolution
         self.report_len = cfg.data.report_len
-        self.shift = step_lib.train_shift(cfg)
+        self.fs = step_lib.flow_settings(cfg)   # the shift of the resolution it samples at
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("steps", "method"))
-    def _generate(self, params, noise_NHWC, tokens_NL, guidance, *, steps: int, method: str):
-        uncond = jnp.broadcast_to(jnp.asarray(conditioning.null_tokens(self.report_len)),
-                                  tokens_NL.shape)
+    def _generate(self, params, noise_BHWC, tokens_BL, guidance, *, steps: int, method: str):
+        uncond_BL = jnp.broadcast_to(jnp.asarray(conditioning.null_tokens(self.report_len)),
+                                     tokens_BL.shape)
         apply = lambda x, t, tok: self.model.apply({"params": params}, x, t, tok)
-        velocity = flow.guided_velocity_fn(apply, tokens_NL, uncond, guidance,
-                                           prediction=self.cfg.flow.prediction,
-                                           t_eps=self.cfg.flow.t_eps)
-        return flow.sample(velocity, noise_NHWC, steps=steps, method=method, shift=self.shift)
+        velocity = flow.guided_velocity_fn(apply, tokens_BL, uncond_BL, guidance,
+                                           prediction=self.fs.prediction, t_eps=self.fs.t_eps)
+        return flow.sample(velocity, noise_BHWC, steps=steps, method=method, shift=self.fs.shift)
 
     def generate(self, params, conditions: Sequence[Conditions], seeds: Sequence[int], *,
                  steps: int | None = None, cfg_scale: float | None = None,
                  method: str | None = None) -> np.ndarray:
-        """Images [N, R, R] in [-1, 1], one per (condition, seed) pair."""
+        """Images [B, R, R] in [-1, 1], one per (condition, seed) pair."""
         if len(conditions) != len(seeds):
             raise ValueError(f"need one seed per condition, got {len(seeds)} for {len(conditions)}")
         s = self.cfg.sample
@@ -91,27 +88,21 @@ class Sampler:
 
 
 def load(workdir: str | epath.Path, step: int | None = None):
-    """(config, EMA params, checkpoint step) of a run directory."""
+    """(config, model, EMA params, checkpoint step) of a run directory, restored onto this
+    process's first device."""
     workdir = epath.Path(workdir)
     if not workdir.exists():
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
+        raise errors.UserError(f"workdir {workdir} does not exist")
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{workdir} is not a cxr_rf run (no config.json); train first")
+        raise errors.UserError(f"{workdir} is not a cxr_rf run (no config.json); train first")
     cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    model = build_model(cfg)
-    tx = step_lib.make_optimizer(cfg)
-    init = functools.partial(step_lib.init_state, model, tx, resolution=cfg.data.resolution,
-                             num_tokens=conditioning.num_tokens(cfg.data.report_len),
-                             in_channels=cfg.model.in_channels)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
-        raise FileNotFoundError(f"{workdir} has no checkpoints yet; train first")
-    step, state = checkpoint.restore_params(ckpt_dir, abstract, step)
-    return cfg, model, state.ema_params, step
+        raise errors.UserError(f"{workdir} has no checkpoints yet; train first")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    step, state = checkpoint.restore_params(ckpt_dir, step_lib.abstract_state(cfg, device), step)
+    return cfg, build_model(cfg), state.ema_params, step
 
 
 FLAGS = flags.FLAGS
@@ -135,22 +126,28 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
     flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
     flags.DEFINE_string("out", None, "Output directory.")
+    cli.check_number("step", 0)
+    cli.check_number("num", 1)
+    cli.check_number("age", 0, 150, hi_open=True)
+    cli.check_number("steps", 1)
+    cli.check_number("cfg", 0)
+    # PRNGKey keeps the low 32 bits of a seed (without x64): larger seeds repeat smaller ones.
+    cli.check_number("seed", 0, 2**32, hi_open=True)
 
 
 def main(argv):
-    logging.getLogger("absl").setLevel(logging.WARNING)   # quiet Orbax's per-restore INFO logs
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        if not FLAGS.workdir or not FLAGS.out:
-            raise ValueError("--workdir and --out are required (see --help)")
-        if FLAGS.num < 1 or FLAGS.steps < 1:
-            raise ValueError(f"--num and --steps must be >= 1, got {FLAGS.num} and {FLAGS.steps}")
-        cond = Conditions.parse(FLAGS.findings, sex=FLAGS.sex, age=FLAGS.age, race=FLAGS.race,
-                                view=FLAGS.view, source=FLAGS.source)
-        cfg, model, params, step = load(FLAGS.workdir, FLAGS.step)
-    except (ValueError, FileNotFoundError, checkpoint.RestoreError) as e:
-        sys.exit(f"error: {e}")
+    # Bad input (errors.UserError: flags, conditions, run directory) and an unreadable
+    # checkpoint (RunError) end in one line through cli.run; anything else keeps its traceback.
+    cli.no_arguments(argv)
+    cli.require("workdir", "out")
+    if FLAGS.seed + FLAGS.num > 2**32:
+        raise errors.UserError(f"--seed + --num must be <= 2**32 (seeds are 32-bit), got "
+                               f"{FLAGS.seed} + {FLAGS.num}")
+    cli.input_dir(FLAGS.workdir, "--workdir")
+    cli.output_dir(FLAGS.out, "--out")
+    cond = Conditions.parse(FLAGS.findings, sex=FLAGS.sex, age=FLAGS.age, race=FLAGS.race,
+                            view=FLAGS.view, source=FLAGS.source)
+    cfg, model, params, step = load(FLAGS.workdir, FLAGS.step)
     seeds = [FLAGS.seed + i for i in range(FLAGS.num)]
     images = Sampler(cfg, model).generate(params, [cond] * len(seeds), seeds, steps=FLAGS.steps,
                                           cfg_scale=FLAGS.cfg, method=FLAGS.method)
@@ -170,5 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)

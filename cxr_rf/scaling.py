@@ -1,9 +1,10 @@
 """Scaling-law fits over finished runs: L(C) = a·C^(−b) + c, with the loss predicted for a
 config that has not been run.
 
-    python -m cxr_rf.scaling --runs runs/ladder/d2 runs/ladder/d3 ... \
-        [--predict d8 | experiments/ladder.py:d8 | RUN_DIR | RUN_DIR/config.json ...] \
+    python -m cxr_rf.scaling --runs runs/ladder/d2,runs/ladder/d3,... \
+        [--predict d8,experiments/ladder.py:d8,RUN_DIR,RUN_DIR/config.json] \
         [--out scaling.png] [--json scaling.json] [--point final|min] [--tag val/loss]
+    python -m cxr_rf.scaling --predict d8 --out scaling.png runs/ladder/d?   # the same, a glob
 
 Each run directory holds ``config.json`` and TensorBoard event files in ``tensorboard/`` (as
 written by ``cxr_rf.train``); any directory may be a ``gs://`` path (read through etils.epath).
@@ -24,7 +25,6 @@ config), 1 the fit did not converge.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import io
@@ -32,28 +32,29 @@ import json
 import math
 import re
 import struct
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import ml_collections
 import numpy as np
+from absl import flags
 from etils import epath
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
+from cxr_rf import cli, errors
 from cxr_rf import config as config_lib
 
 LADDER = Path(__file__).resolve().parents[1] / "experiments" / "ladder.py"
 MIN_RUNS = 4   # three parameters need at least four points (one degree of freedom)
 
 
-class ScalingError(ValueError):
+class ScalingError(errors.UserError):
     """Bad input: a run, event file or config that cannot be used (exit code 2)."""
 
 
-class FitError(RuntimeError):
+class FitError(errors.RunError):
     """The least-squares fit did not converge to an identifiable optimum (exit code 1)."""
 
 
@@ -524,56 +525,55 @@ def to_json(runs: Sequence[Run], fit: Fit, preds: Sequence[Prediction], point: s
 
 # --------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2: no usage dump, no traceback
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def _define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so importing stays side-effect
+    free)."""
+    flags.DEFINE_list("runs", [], "Run directories (config.json + tensorboard/), comma-separated; "
+                      "gs:// allowed. More may follow the flags as arguments, so a shell glob "
+                      "works: --runs runs/ladder/d?")
+    flags.DEFINE_list("predict", [], "Configs whose loss to predict, comma-separated: a ladder "
+                      "rung (d8), experiments/X.py[:arg], a run directory or a config.json.")
+    flags.DEFINE_string("out", None, "Log-log plot to write (PLOT.png).")
+    flags.DEFINE_string("json", None, "Fit and table as JSON (OUT.json).")
+    flags.DEFINE_enum("point", "final", ["final", "min"],
+                      "Each run's point: its last logged value (default) or its minimum.")
+    flags.DEFINE_string("tag", "val/loss", "Scalar to fit.")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m cxr_rf.scaling",
-                description="Fit L(C) = a·C^-b + c to runs' validation losses and predict "
-                            "the loss of a larger config.")
-    p.add_argument("--runs", nargs="+", required=True, metavar="DIR",
-                   help="run directories (config.json + tensorboard/); gs:// allowed")
-    p.add_argument("--predict", nargs="+", default=[], metavar="CONFIG",
-                   help="ladder rung (d8), experiments/X.py[:arg], run dir or config.json")
-    p.add_argument("--out", default=None, metavar="PLOT.png", help="log-log plot to write")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="fit and table as JSON")
-    p.add_argument("--point", choices=("final", "min"), default="final",
-                   help="each run's point: its last logged value (default) or its minimum")
-    p.add_argument("--tag", default="val/loss", help="scalar to fit (default val/loss)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (2 bad input, 1 fit failed)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(d, args.tag) for d in args.runs]
-        if len(runs) < MIN_RUNS:
-            raise ScalingError(f"need at least {MIN_RUNS} runs to fit L = a·C^-b + c "
-                               f"(3 parameters); got {len(runs)}")
-        configs = [(spec, resolve_config(spec)) for spec in args.predict]
-        C = [r.compute[r.point(args.point)] for r in runs]
-        L = [r.loss[r.point(args.point)] for r in runs]
-        fit = fit_power_law(C, L)
-        preds = [predict(fit, spec, cfg) for spec, cfg in configs]
-    except FitError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (ScalingError, OSError) as e:
-        parser.error(" ".join(str(e).split()))
-    print(report(runs, fit, preds, args.point, args.tag))
-    if args.out:
-        plot(runs, fit, preds, args.point, args.tag, args.out)
-        print(f"wrote {args.out}")
-    if args.json:
-        epath.Path(args.json).write_text(json.dumps(to_json(runs, fit, preds, args.point,
-                                                            args.tag), indent=2))
-        print(f"wrote {args.json}")
+def main(argv: list[str]) -> int:
+    """Fit and report; bad input (ScalingError) exits 2 and a fit that does not converge
+    (FitError) 1, through ``cli.run``."""
+    f = flags.FLAGS
+    for extra in argv[1:]:
+        # Words after the flags are run directories (a glob); a config to predict is not one.
+        if not epath.Path(extra).is_dir():
+            raise ScalingError(f"unexpected argument {extra!r}: not a run directory (--predict "
+                               "takes a comma-separated list: --predict d8,experiments/X.py:d8)")
+    run_dirs = [*f.runs, *argv[1:]]
+    if not run_dirs:
+        raise ScalingError("--runs is required (see --help)")
+    for flag, path in (("--out", f.out), ("--json", f.json)):
+        if path:
+            cli.output_file(path, flag)
+    runs = [load_run(d, f.tag) for d in run_dirs]
+    if len(runs) < MIN_RUNS:
+        raise ScalingError(f"need at least {MIN_RUNS} runs to fit L = a·C^-b + c "
+                           f"(3 parameters); got {len(runs)}")
+    configs = [(spec, resolve_config(spec)) for spec in f.predict]
+    C = [r.compute[r.point(f.point)] for r in runs]
+    L = [r.loss[r.point(f.point)] for r in runs]
+    fit = fit_power_law(C, L)
+    preds = [predict(fit, spec, cfg) for spec, cfg in configs]
+    print(report(runs, fit, preds, f.point, f.tag))
+    if f.out:
+        plot(runs, fit, preds, f.point, f.tag, f.out)
+        print(f"wrote {f.out}")
+    if f.json:
+        epath.Path(f.json).write_text(json.dumps(to_json(runs, fit, preds, f.point, f.tag),
+                                                 indent=2))
+        print(f"wrote {f.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, _define_flags)

@@ -17,38 +17,55 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cxr_rf import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axis (or tuple of axes, or None = replicated).
+# logical name -> mesh axis (or tuple of axes, or None = replicated). Weights and activations
+# have separate names (model/layers.py lists them), so changing how one is laid out never
+# silently reshards the other.
 RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    # Weights (and with them the EMA and the Adam moments).
     ("embed", "fsdp"),         # FSDP: parameters sharded along their model dimension
-    ("mlp", "tensor"),
+    ("mlp", "tensor"),         # Megatron-style tensor parallelism of MLP / modulation outputs
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", None),
-    ("length", None),
     ("layers", None),
     ("patch", None),
     ("freq", None),            # timestep sinusoid features
     ("ctx", None),             # rows of the context position table
+    # Activations. The batch is split over data and fsdp (FSDP is data parallel for
+    # activations: each fsdp shard computes its own examples with gathered weights); the model
+    # dimension stays whole, tensor parallelism splits MLP hidden and heads like the weights.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
 )
+
+
+def mesh_axes(names: tuple[str | None, ...]) -> P:
+    """The PartitionSpec RULES give to logical ``names``."""
+    return nn.logical_to_mesh_axes(names, RULES)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
     """Resolve the configured axis sizes (one may be -1 = the rest) against the device count."""
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise errors.UserError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise errors.UserError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+            raise errors.UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise errors.UserError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
     return tuple(sizes)
 
@@ -99,8 +116,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     mesh = _CURRENT.get()
     if mesh is None:
         return x
-    spec = nn.logical_to_mesh_axes(names, RULES)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_axes(names)))
 
 
 def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
@@ -110,8 +126,8 @@ def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The global batch is split over (data, fsdp) on its leading axis."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    """The global batch: its leading axis laid out as ``activation_batch``."""
+    return NamedSharding(mesh, mesh_axes(("activation_batch",)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -121,21 +137,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
     """Fail before compiling when the batch (or each microbatch) does not split over the batch axes."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = math.prod(mesh.shape[a] for a in _axes(mesh_axes(("activation_batch",))[0]))
     if microbatches < 1 or global_batch % microbatches:
-        raise ValueError(f"global batch {global_batch} is not divisible into {microbatches} microbatches")
+        raise errors.UserError(f"global batch {global_batch} is not divisible into {microbatches} microbatches")
     if global_batch % n:
-        raise ValueError(
+        raise errors.UserError(
             f"global batch {global_batch} is not divisible by data*fsdp = {n} of mesh {dict(mesh.shape)}")
     if (global_batch // microbatches) % n:
-        raise ValueError(f"microbatch {global_batch // microbatches} (batch {global_batch} / "
+        raise errors.UserError(f"microbatch {global_batch // microbatches} (batch {global_batch} / "
                          f"{microbatches} microbatches) is not divisible by data*fsdp = {n}")
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def _uses_model_axes(spec: P, mesh: Mesh) -> bool:
     """Whether a partition spec splits its array over fsdp or tensor (axes of size > 1)."""
     for entry in spec:
-        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+        for axis in _axes(entry):
             if axis in ("fsdp", "tensor") and mesh.shape[axis] > 1:
                 return True
     return False
@@ -165,12 +186,12 @@ def check_divisible(boxed_params: Any, mesh: Mesh) -> None:
     logical = jax.tree.leaves(nn.get_partition_spec(boxed_params), is_leaf=lambda x: isinstance(x, P))
     values = jax.tree_util.tree_leaves_with_path(nn.unbox(boxed_params))
     for (path, v), names in zip(values, logical, strict=True):
-        spec = nn.logical_to_mesh_axes(tuple(names), RULES)
+        spec = mesh_axes(tuple(names))
         for dim, (size, name, axes) in enumerate(zip(v.shape, names, spec)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            axes = _axes(axes)
             parts = math.prod(mesh.shape[a] for a in axes)
             if size % parts:
-                raise ValueError(
+                raise errors.UserError(
                     f"mesh {dict(mesh.shape)}: parameter {jax.tree_util.keystr(path)} has "
                     f"{size} along '{name}' (dim {dim}), which does not split into {parts} "
                     f"({'×'.join(axes)}); choose mesh sizes that divide it")
@@ -183,7 +204,7 @@ def check_replication(boxed_params: Any, mesh: Mesh, max_fraction: float = 0.02,
         return  # nothing to shard over
     frac, total = replicated_fraction(boxed_params, mesh)
     if total >= min_params and frac > max_fraction:
-        raise ValueError(
+        raise errors.UserError(
             f"{100 * frac:.1f}% of the {total / 1e6:.0f}M parameters are replicated on mesh "
             f"{dict(mesh.shape)} (limit {100 * max_fraction:g}%); use fsdp/tensor > 1 "
             f"or raise mesh.max_replicated")

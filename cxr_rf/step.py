@@ -1,8 +1,13 @@
-"""The train state and the pure, jittable train/eval steps (reused by train, bench and aot)."""
+"""The train state and the pure, jittable train/eval steps (reused by train, bench and aot).
+
+The loss is ``flow.loss`` (one definition for training, validation and the analytic tests);
+this module adds what a step needs around it: the optimizer, microbatch accumulation, EMA and
+the non-finite guard.
+"""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +16,11 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from cxr_rf import flow, sharding
+from cxr_rf import conditioning, flow, sharding
+from cxr_rf.model import build_model, init_params
+
+
+Batch = dict[str, Any]    # {"image": [B, H, W, C] float32 in [-1, 1], "tokens": [B, L] int32}
 
 
 @struct.dataclass
@@ -24,31 +33,6 @@ class TrainState:
     rng: jax.Array           # base PRNG key; step keys are fold_in(rng, step), so resume is exact
     # Consecutive skipped (non-finite) updates; in the state so a resumed run keeps counting.
     nonfinite_streak: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowSettings:
-    """The flow knobs the step needs, as hashable static values."""
-    prediction: str = "v"
-    t_mean: float = 0.0
-    t_std: float = 1.0
-    shift: float = 1.0
-    t_eps: float = 0.05
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict) -> "FlowSettings":
-        """Resolve the automatic (token-count) shift from the data resolution and patch size."""
-        f = cfg.flow
-        return cls(f.prediction, float(f.t_mean), float(f.t_std), train_shift(cfg), float(f.t_eps))
-
-
-def train_shift(cfg: ml_collections.ConfigDict, resolution: int | None = None) -> float:
-    """SD3 resolution shift: fixed when ``flow.shift`` > 0, else sqrt(tokens / base_tokens)."""
-    if cfg.flow.shift > 0:
-        return float(cfg.flow.shift)
-    res = resolution or cfg.data.resolution
-    tokens = (res // cfg.model.patch) ** 2
-    return max(1.0, flow.resolution_shift(tokens, cfg.flow.base_tokens))
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -73,50 +57,63 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-               resolution: int, num_tokens: int, in_channels: int = 1):
+               resolution: int) -> TrainState:
     """A fresh TrainState, with params still boxed with their logical axis names.
 
-    Call through ``jax.eval_shape`` to get the abstract, logically annotated state; call
-    ``nn.unbox`` on the result before use.
+    Call through ``jax.eval_shape`` for the abstract, logically annotated state (what
+    ``abstract_state`` does); ``nn.unbox`` the result before use.
     """
     init_rng, state_rng = jax.random.split(rng)
-    x = jnp.zeros((1, resolution, resolution, in_channels), jnp.float32)
-    tokens = jnp.zeros((1, num_tokens), jnp.int32)
-    params = model.init(init_rng, x, jnp.zeros((1,)), tokens)["params"]
-    opt_state = tx.init(params)
+    params = init_params(model, init_rng, resolution)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=opt_state, rng=state_rng,
+                      opt_state=tx.init(params), rng=state_rng,
                       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-def _apply_fn(model: nn.Module, params, tokens_BL) -> Callable:
-    return lambda x_t, t_B: model.apply({"params": params}, x_t, t_B, tokens_BL)
+# --------------------------------------------------------------------------------------------
+# Shapes of a run: the one definition of the state and of a batch (train, sample, aot, bench).
+# --------------------------------------------------------------------------------------------
+
+def dummy_batch(cfg: ml_collections.ConfigDict, batch_size: int | None = None) -> Batch:
+    """ShapeDtypeStructs of a global training batch of ``cfg`` (``train.batch_size`` unless
+    given): ``image`` [B, R, R, C] float32 in [-1, 1], ``tokens`` [B, L] int32."""
+    b = cfg.train.batch_size if batch_size is None else batch_size
+    r, c = cfg.data.resolution, cfg.model.in_channels
+    return {"image": jax.ShapeDtypeStruct((b, r, r, c), jnp.float32),
+            "tokens": jax.ShapeDtypeStruct((b, conditioning.num_tokens(cfg.data.report_len)),
+                                           jnp.int32)}
 
 
-def loss_fn(params, model: nn.Module, batch: dict, rng: jax.Array, fs: FlowSettings, t_B=None):
-    """Rectified-flow loss on one batch; returns (loss, aux)."""
-    return flow.rf_loss(_apply_fn(model, params, batch["tokens"]), batch["image"], rng,
-                        prediction=fs.prediction, t_mean=fs.t_mean, t_std=fs.t_std,
-                        shift=fs.shift, t_eps=fs.t_eps, t_B=t_B)
+def flow_settings(cfg: ml_collections.ConfigDict) -> flow.FlowSettings:
+    """``cfg.flow`` with the automatic timestep shift resolved for ``data.resolution``."""
+    return flow.FlowSettings(**cfg.flow).at((cfg.data.resolution // cfg.model.patch) ** 2)
 
 
-def _draw(rng: jax.Array, x0: jax.Array, fs: FlowSettings):
-    """t_B and noise for the whole batch, drawn exactly as ``flow.rf_loss`` draws them, so the
-    loss does not depend on how the batch is split into microbatches."""
-    rng_t, rng_eps = jax.random.split(rng)
-    t_B = flow.sample_t(rng_t, x0.shape[0], mean=fs.t_mean, std=fs.t_std, shift=fs.shift)
-    return t_B, jax.random.normal(rng_eps, x0.shape, dtype=x0.dtype)
+def init_fn(cfg: ml_collections.ConfigDict, model: nn.Module, tx):
+    """rng -> a fresh TrainState with params still boxed with their logical axis names."""
+    return functools.partial(init_state, model, tx, resolution=cfg.data.resolution)
 
 
-def _micro_loss(params, model: nn.Module, mb: dict, fs: FlowSettings) -> jax.Array:
-    """Rectified-flow loss of one microbatch with its pre-drawn t and noise (rf_loss's arithmetic)."""
-    x0, t_B, eps = mb["image"], mb["t"], mb["eps"]
-    acc = jnp.promote_types(x0.dtype, jnp.float32)
-    x_t = flow.interpolate(x0, eps, t_B)
-    out = model.apply({"params": params}, x_t, t_B, mb["tokens"])
-    v_pred = flow.velocity_from_output(out.astype(acc), x_t.astype(acc), t_B.astype(acc),
-                                       prediction=fs.prediction, t_eps=fs.t_eps)
-    return jnp.mean(jnp.square(v_pred - (eps - x0).astype(acc)))
+def abstract_state(cfg: ml_collections.ConfigDict, shardings: Any = None) -> TrainState:
+    """ShapeDtypeStructs of the run's TrainState (no memory, no compute); ``shardings`` (a
+    matching tree, or one Sharding for every leaf) is attached when given, e.g. to restore
+    onto one device or to compile for abstract devices."""
+    boxed = jax.eval_shape(init_fn(cfg, build_model(cfg), make_optimizer(cfg)),
+                           jax.random.PRNGKey(0))
+    state = nn.unbox(boxed)
+    if shardings is None:
+        return state
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, state)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state, shardings)
+
+
+def loss_fn(params, model: nn.Module, mb: dict, fs: flow.FlowSettings) -> jax.Array:
+    """Mean rectified-flow loss (``flow.loss``) of the model on a (micro)batch whose timesteps
+    ``t`` and noise ``eps`` were drawn beforehand (``flow.draw``)."""
+    apply = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B, mb["tokens"])
+    return jnp.mean(flow.loss(apply, mb["image"], mb["t"], mb["eps"], fs))
 
 
 def _split_micro(x: jax.Array, m: int) -> jax.Array:
@@ -128,11 +125,11 @@ def _split_micro(x: jax.Array, m: int) -> jax.Array:
 
 
 def loss_and_grads(params, batch: dict, rng: jax.Array, *, model: nn.Module,
-                   fs: FlowSettings, microbatches: int = 1):
+                   fs: flow.FlowSettings, microbatches: int = 1):
     """Mean loss and gradients over the batch, accumulated over ``microbatches`` in float32."""
-    t_B, eps = _draw(rng, batch["image"], fs)
+    t_B, eps = flow.draw(rng, batch["image"], fs)
     data = {"image": batch["image"], "tokens": batch["tokens"], "t": t_B, "eps": eps}
-    grad_fn = jax.value_and_grad(_micro_loss)
+    grad_fn = jax.value_and_grad(loss_fn)
     if microbatches == 1:
         return grad_fn(params, model, data, fs)
     micro = jax.tree.map(lambda x: _split_micro(x, microbatches), data)
@@ -150,7 +147,7 @@ def loss_and_grads(params, batch: dict, rng: jax.Array, *, model: nn.Module,
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, fs: FlowSettings, ema_decay: float,
+               tx: optax.GradientTransformation, fs: flow.FlowSettings, ema_decay: float,
                microbatches: int = 1):
     """One optimizer step: RF loss -> grads -> AdamW -> EMA. Pure; jit with static kwargs.
 
@@ -179,7 +176,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model: nn.Module, fs: FlowSettings,
+def eval_step(params, batch: dict, *, model: nn.Module, fs: flow.FlowSettings,
               timesteps: tuple[float, ...], seed: int = 0) -> jax.Array:
     """Validation loss at each fixed timestep (fixed noise), shape [len(timesteps)].
 
@@ -188,6 +185,8 @@ def eval_step(params, batch: dict, *, model: nn.Module, fs: FlowSettings,
     """
     b = batch["image"].shape[0]
     rng = jax.random.PRNGKey(seed)
-    losses = [loss_fn(params, model, batch, rng, fs, t_B=jnp.full((b,), t, jnp.float32))[0]
-              for t in timesteps]
+    losses = []
+    for t in timesteps:
+        t_B, eps = flow.draw(rng, batch["image"], fs, t_B=jnp.full((b,), t, jnp.float32))
+        losses.append(loss_fn(params, model, dict(batch, t=t_B, eps=eps), fs))
     return jnp.stack(losses)

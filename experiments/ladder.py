@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 
-from cxr_rf import config
+from cxr_rf import config, errors
 from cxr_rf.model import mmdit
 
 RUNGS = ("d2", "d3", "d4", "d5", "d6")   # the trained ladder, smallest first
@@ -54,7 +54,7 @@ def depth_of(rung: str | None) -> int:
     name = (rung or RUNGS[0]).strip()
     m = re.fullmatch(r"d(\d+)", name)
     if not m or not 2 <= int(m.group(1)) <= 38:
-        raise ValueError(f"ladder rung must be d<depth> with depth 2..38 (planned: "
+        raise errors.UserError(f"ladder rung must be d<depth> with depth 2..38 (planned: "
                          f"{', '.join(RUNGS)}, next {NEXT}); got {rung!r}")
     return int(m.group(1))
 

@@ -16,3 +16,41 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Implicit rank promotion hides shape bugs ([B] + [B, 1] silently becomes [B, B]); the whole
+# suite, and every process it starts, runs with it as an error.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402  (tests/tiny.py: the tiny run config)
+
+
+@pytest.fixture
+def tiny_config():
+    """``tiny_config(resolution=16, **train_overrides)``: a fresh tiny run config."""
+    return tiny.load
+
+
+@pytest.fixture(scope="session")
+def phantom_data(tmp_path_factory):
+    """``phantom_data(resolution)``: the tiny run's converted phantom dataset at that
+    resolution, converted once per session and shared (read-only) by every test."""
+    made = {}
+
+    def get(resolution: int = 16) -> str:
+        if resolution not in made:
+            from cxr_rf.data import convert
+            d = tmp_path_factory.mktemp(f"phantom{resolution}")
+            c = tiny.load(resolution)
+            convert.convert_phantom(d, num=c.data.num, resolution=resolution, seed=0,
+                                    shards=c.data.shards)
+            made[resolution] = str(d)
+        return made[resolution]
+    return get
+
+
+@pytest.fixture
+def synthetic_batch():
+    """``synthetic_batch(cfg, seed=0)``: random images, varied valid conditions."""
+    return tiny.synthetic_batch

@@ -3,8 +3,10 @@
     python tests/scale_worker.py MODE [ARGS...]
 
 Modes (each prints one JSON line on success and exits non-zero with the reason otherwise):
-    sharded            8 devices: (data=2, fsdp=2, tensor=2) steps == 1-device steps; every
-                       parameter (and its EMA / Adam moments) placed as the RULES say.
+    sharded            8 devices: (data=2, fsdp=2, tensor=2) gradients and 4 steps == 1-device
+                       ones (no warm-up, perturbed weights, varied conditions); every parameter
+                       (and its EMA / Adam moments) and every constrained activation placed as
+                       the RULES say.
     reshard DATA WD    8 devices: save on 8, restore on 8, 4 and 1: bitwise the same values.
     reference DATA OUT 4 devices, one process, fed the batches two processes would read:
                        the reference for the 2-process x 2-device run.
@@ -17,6 +19,7 @@ if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_DEVICES}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/tiny.py
 
 import json  # noqa: E402
 
@@ -25,34 +28,53 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 
-def tiny_config(steps=4):
-    """tests/scale_config.py (width 32, depth 2, 16² images, batch 8) with ``steps``."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "scale_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scale_config.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.train.steps = steps
+import tiny  # noqa: E402
+
+
+def tiny_config(steps=4, warmup=None):
+    """tests/tiny.py (width 32, depth 2, 16² images, batch 8) with ``steps``."""
+    c = tiny.load(16, steps=steps)
+    if warmup is not None:
+        c.optim.warmup_steps = warmup
     return c
 
 
 def _batches(cfg, n):
-    from cxr_rf import conditioning
-    rng = np.random.default_rng(0)
-    b, r = cfg.train.batch_size, cfg.data.resolution
-    tokens = np.tile(conditioning.null_tokens(cfg.data.report_len), (b, 1))
-    return [{"image": rng.uniform(-1, 1, (b, r, r, 1)).astype(np.float32), "tokens": tokens}
-            for _ in range(n)]
+    return [tiny.synthetic_batch(cfg, seed) for seed in range(n)]
 
 
-def _steps(trainer, batches):
+def _perturbed(state, seed=0, scale=0.02):
+    """Every parameter moved off its init (adaLN-Zero gates and the output start at 0, so
+    from the init most gradients vanish), identically on any mesh."""
+    rng = np.random.default_rng(seed)
+    host = jax.tree.map(lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape).astype(
+        np.float32), state.params)
+    # Two device copies: params and EMA are donated separately by the step.
+    put = lambda: jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), host, state.params)
+    return state.replace(params=put(), ema_params=put())
+
+
+def _steps(trainer, batches, perturb=False):
     state = trainer.init_state()
+    if perturb:
+        state = _perturbed(state)
     losses = []
     for batch in batches:
         state, m = trainer.train_step(state, batch)
         losses.append(float(m["loss"]))
     return state, losses
+
+
+def _grads(trainer, batch, seed=0):
+    """(loss, gradients) of the step's loss on ``trainer``'s mesh from perturbed weights."""
+    import functools
+    from cxr_rf import sharding
+    from cxr_rf import step as step_lib
+    state = _perturbed(trainer.init_state(), seed)
+    fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=trainer.model, fs=trainer.fs,
+                                   microbatches=trainer.cfg.train.microbatches))
+    with sharding.use(trainer.mesh):
+        return fn(state.params, trainer.global_batch(batch), jax.random.PRNGKey(seed))
 
 
 def _expected_spec(names):
@@ -68,17 +90,25 @@ def _expected_spec(names):
 
 
 def sharded():
-    from cxr_rf import train
+    from cxr_rf import trainer as trainer_lib
     from cxr_rf.model import abstract_params
-    cfg = tiny_config()
+    cfg = tiny_config(warmup=0)
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
-    big = train.Trainer(cfg)
-    one_cfg = tiny_config()
+    big = trainer_lib.Trainer(cfg)
+    one_cfg = tiny_config(warmup=0)
     one_cfg.mesh.update(data=1, fsdp=1, tensor=1)
-    one = train.Trainer(one_cfg, devices=jax.devices()[:1])
-    batches = _batches(cfg, 3)
-    s8, l8 = _steps(big, batches)
-    s1, l1 = _steps(one, batches)
+    one = trainer_lib.Trainer(one_cfg, devices=jax.devices()[:1])
+    batches = _batches(cfg, 4)
+    # Gradients first: every leaf, not only the norm the step reports.
+    (g8_loss, g8), (g1_loss, g1) = _grads(big, batches[0]), _grads(one, batches[0])
+    np.testing.assert_allclose(float(g8_loss), float(g1_loss), rtol=1e-5)
+    zero_grads = 0
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        zero_grads += not np.any(np.asarray(b))
+    assert zero_grads == 0, f"{zero_grads} gradient arrays are all zero"
+    s8, l8 = _steps(big, batches, perturb=True)
+    s1, l1 = _steps(one, batches, perturb=True)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
@@ -111,38 +141,82 @@ def sharded():
     acc_cfg = tiny_config()
     acc_cfg.mesh.update(data=2, fsdp=2, tensor=2)
     acc_cfg.train.microbatches = 2
-    sa, la = _steps(train.Trainer(acc_cfg), batches[:1])
-    np.testing.assert_allclose(la, l8[:1], rtol=1e-5)
+    sa, la = _steps(trainer_lib.Trainer(acc_cfg), batches[:1])
+    np.testing.assert_allclose(la, _steps(big, batches[:1])[1], rtol=1e-5)
+    # ... and from perturbed weights with varied conditions, gradient by gradient, on a
+    # (data=2, fsdp=2) mesh. On the full (2, 2, 2) mesh the microbatched loss differs from
+    # the whole batch's by 2e-6..5e-5 (relative) from perturbed weights, against ~1e-7 on
+    # every mesh with one axis of size 1: open, see BUILD_NOTES.
+    acc_cfg = tiny_config(warmup=0)
+    acc_cfg.mesh.update(data=2, fsdp=2, tensor=1)
+    acc_cfg.train.microbatches = 2
+    ga_loss, ga = _grads(trainer_lib.Trainer(acc_cfg, devices=jax.devices()[:4]), batches[0])
+    np.testing.assert_allclose(float(ga_loss), float(g1_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    activations = _activation_placement(big)
     # Activations follow the batch over fsdp too: an all-fsdp mesh compiles to the per-device
     # FLOPs and temporaries of an all-data mesh (with no activation constraints GSPMD
     # replicated them over fsdp: 1.75x the FLOPs and 4.6x the temporaries at this size).
     costs = {axis: _step_cost(axis) for axis in ("data", "fsdp")}
     assert abs(costs["fsdp"][0] / costs["data"][0] - 1) < 0.1, costs
     assert costs["fsdp"][1] < 1.3 * costs["data"][1], costs
-    print(json.dumps({"ok": True, "params_checked": checked, "loss_8": l8, "loss_1": l1,
-                      "costs": costs}))
+    print(json.dumps({"ok": True, "params_checked": checked, "activations_checked": activations,
+                      "loss_8": l8, "loss_1": l1, "costs": costs}))
+
+
+def _activation_placement(trainer) -> int:
+    """Compile the model's forward on ``trainer``'s 8-device mesh and check, for every
+    activation it constrains, the sharding the partitioner actually gave it: the batch over
+    (data, fsdp), MLP hidden and heads over tensor, the model dimension whole. Returns the
+    number of constrained activations checked."""
+    from cxr_rf import sharding
+    seen = []
+    real = sharding.constrain
+
+    def spy(x, names):
+        y = real(x, names)
+        if sharding._CURRENT.get() is not None:
+            jax.debug.inspect_array_sharding(
+                y, callback=lambda s, names=tuple(names): seen.append((names, s)))
+        return y
+
+    want = {"activation_batch": ("data", "fsdp"), "activation_mlp": "tensor",
+            "activation_heads": "tensor"}
+    state, batch = trainer.abstract_inputs()
+    t = jax.ShapeDtypeStruct(batch["image"].shape[:1], np.float32,
+                             sharding=trainer.batch_sharding)
+    sharding.constrain = spy
+    try:
+        with sharding.use(trainer.mesh):
+            jax.jit(lambda p, x, t, tok: trainer.model.apply({"params": p}, x, t, tok)).lower(
+                state.params, batch["image"], t, batch["tokens"]).compile()
+    finally:
+        sharding.constrain = real
+    assert seen, "no activation constraint was traced"
+    for names, s in seen:
+        spec = tuple(s.spec) + (None,) * (len(names) - len(s.spec))
+        for name, got in zip(names, spec):
+            expected = want.get(name)
+            got = got[0] if isinstance(got, tuple) and len(got) == 1 else got
+            assert got == expected, f"activation {names}: {name} placed on {got}, rules say {expected}"
+    return len(seen)
 
 
 def _step_cost(axis: str) -> tuple[float, float]:
     """(FLOPs, temporary bytes) per device of the compiled train step with all 8 devices on
     ``axis``, at a width and batch where activations dominate."""
-    from cxr_rf import conditioning, sharding, train
+    from cxr_rf import sharding
+    from cxr_rf import trainer as trainer_lib
     cfg = tiny_config()
     cfg.mesh.update(data=1, fsdp=1, tensor=1, max_replicated=1.0)
     cfg.mesh[axis] = 8
     cfg.model.update(width=64, heads=2)
     cfg.data.resolution = 32
     cfg.train.batch_size = 64
-    trainer = train.Trainer(cfg)
-    b, r = cfg.train.batch_size, cfg.data.resolution
+    trainer = trainer_lib.Trainer(cfg)
     with sharding.use(trainer.mesh):
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(trainer.init_state), trainer.state_sharding)
-        batch = {"image": jax.ShapeDtypeStruct((b, r, r, 1), np.float32,
-                                               sharding=trainer.batch_sharding),
-                 "tokens": jax.ShapeDtypeStruct((b, conditioning.num_tokens(0)), np.int32,
-                                                sharding=trainer.batch_sharding)}
-        compiled = trainer.jitted_step.lower(state, batch).compile()
+        compiled = trainer.jitted_step.lower(*trainer.abstract_inputs()).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]), float(compiled.memory_analysis().temp_size_in_bytes)
@@ -152,6 +226,7 @@ def reshard(data_dir, workdir):
     """Save on 8 devices (2, 2, 2); restore state + data iterator on 4 (1, 2, 2) and on 1:
     the restored values are bitwise the saved ones, laid out on the new mesh."""
     from cxr_rf import checkpoint, train
+    from cxr_rf import trainer as trainer_lib
     cfg = tiny_config(steps=2)
     cfg.data.dir = data_dir
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
@@ -163,11 +238,9 @@ def reshard(data_dir, workdir):
         c = tiny_config(steps=2)
         c.data.dir = data_dir
         c.mesh.update(**mesh)
-        trainer = train.Trainer(c, devices=jax.devices()[:n])
-        abstract = jax.eval_shape(trainer.init_state)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, trainer.state_sharding)
-        data_iter = iter(train.make_loader(c, data_dir, "train", train=True))
+        trainer = trainer_lib.Trainer(c, devices=jax.devices()[:n])
+        abstract, _ = trainer.abstract_inputs()
+        data_iter = iter(trainer_lib.make_loader(c, data_dir, "train", train=True))
         step, state = checkpoint.restore_latest(mngr, abstract, data_iter)
         assert step == 2, step
         leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
@@ -187,12 +260,12 @@ def reshard(data_dir, workdir):
 
 def reference(data_dir, out):
     """Two processes' loaders concatenated in process order == the 2-process global batch."""
-    from cxr_rf import train
+    from cxr_rf import trainer as trainer_lib
     from cxr_rf.data import pipeline
     cfg = tiny_config(steps=4)
     cfg.data.dir = data_dir
     cfg.mesh.update(data=2, fsdp=2, tensor=1)
-    trainer = train.Trainer(cfg)
+    trainer = trainer_lib.Trainer(cfg)
     d = cfg.data
     its = [iter(pipeline.make_loader(
         data_dir, "train", global_batch=cfg.train.batch_size, seed=cfg.seed,

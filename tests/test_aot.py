@@ -37,14 +37,14 @@ GiB = 2**30
 ])
 def test_hardware_tables(kind, bf16, hbm):
     assert hardware.peak_flops(kind, "bfloat16") == bf16
-    assert hardware.hbm_bytes(kind) == hbm
+    assert hardware.chip(kind).hbm == hbm
 
 
 def test_hardware_f32_and_unknown_kinds():
     assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494e12   # TF32
     assert hardware.peak_flops("TPU v5 lite", "float32") == 197e12
     with pytest.raises(ValueError, match="unknown accelerator device_kind 'cpu'; known: "):
-        hardware.hbm_bytes("cpu")
+        hardware.chip("cpu")
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         hardware.peak_flops("TPU v4", "int8")
 

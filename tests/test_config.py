@@ -3,7 +3,7 @@ import pytest
 
 from cxr_rf import config as config_lib
 from cxr_rf import step as step_lib
-from cxr_rf import train
+from cxr_rf import trainer as trainer_lib
 
 
 def _staged(stages, steps=100, resolution=64):
@@ -32,7 +32,8 @@ def test_stages_cover_the_run_and_carry_their_batch():
 def test_shift_follows_the_token_count_of_each_stage():
     c = _staged(((0, 32), (40, 64)))
     c.flow.base_tokens = 64                      # patch 4: 32² -> 64 tokens, 64² -> 256
-    shifts = [step_lib.train_shift(config_lib.for_stage(c, s)) for s in config_lib.stages(c)]
+    shifts = [step_lib.flow_settings(config_lib.for_stage(c, s)).shift
+              for s in config_lib.stages(c)]
     assert shifts == [1.0, 2.0]                  # sqrt(256 / 64)
 
 
@@ -62,7 +63,7 @@ def test_corpus_mixture_weights():
 def test_relative_mixture_dirs_are_under_data_root(tmp_path):
     c = config_lib.base()
     c.data.update(root="gs://bucket/cxr", mixture=(("chexpert", 0.5), ("/mnt/nih", 0.5)))
-    assert train.ensure_data(c, tmp_path) == [("gs://bucket/cxr/chexpert", 0.5),
+    assert trainer_lib.ensure_data(c, tmp_path) == [("gs://bucket/cxr/chexpert", 0.5),
                                               ("/mnt/nih", 0.5)]
 
 
@@ -85,11 +86,41 @@ def test_conversion_into_a_url_is_refused():
 def test_phantom_data_is_not_converted_into_a_url_workdir():
     from etils import epath
     with pytest.raises(ValueError, match="set data.dir"):
-        train.ensure_data(config_lib.base(), epath.Path("gs://bucket/runs/smoke"))
+        trainer_lib.ensure_data(config_lib.base(), epath.Path("gs://bucket/runs/smoke"))
 
 
 def test_a_url_data_dir_is_refused_before_any_io(tmp_path):
     c = config_lib.base()
     c.data.dir = "gs://bucket/cxr/phantom"
     with pytest.raises(ValueError, match="gcsfuse"):
-        train.ensure_data(c, tmp_path)
+        trainer_lib.ensure_data(c, tmp_path)
+
+
+def test_model_and_flow_settings_come_from_the_config_in_one_line():
+    """ModelConfig(**cfg.model, ...) and FlowSettings(**cfg.flow): every key is a field (so a
+    knob is declared once), unknown keys and bad values fail in one line."""
+    import dataclasses
+    from cxr_rf import flow
+    from cxr_rf.model import ModelConfig
+    c = config_lib.base()
+    c.model.update(pos_embed="rope", rope_theta=500.0)
+    m = ModelConfig.from_config(c)
+    assert (m.rope_theta, m.pos_embed) == (500.0, "rope")
+    assert {f.name for f in dataclasses.fields(ModelConfig)} - {"report_len", "vocab_size"} \
+        == set(c.model.keys())
+    assert {f.name for f in dataclasses.fields(flow.FlowSettings)} == set(c.flow.keys())
+    c.model.rope_thetta = 1.0
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['rope_thetta'\]"):
+        ModelConfig.from_config(c)
+    for key, value, needle in (("t_std", 0.0, "t_std"), ("shift", float("nan"), "shift"),
+                               ("prediction", "eps", "v, x"), ("t_eps", 1.5, "t_eps")):
+        bad = config_lib.base().flow
+        bad[key] = value
+        with pytest.raises(ValueError, match=needle) as e:
+            flow.FlowSettings(**bad)
+        assert "\n" not in str(e.value)
+    fs = flow.FlowSettings(**config_lib.base().flow)
+    assert fs.shift == 0 and fs.at(4 * fs.base_tokens).shift == 2.0
+    assert fs.at(fs.base_tokens // 4).shift == 1.0             # never below 1
+    with pytest.raises(ValueError, match="automatic"):
+        fs.resolved_shift

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from pydicom.data import get_testdata_files
 
+from cxr_rf import cli
 from cxr_rf import conditioning as cond
 from cxr_rf.data import convert, imaging, schema, sources, worker
 from cxr_rf.data.sources import SourceOptions
@@ -49,11 +50,8 @@ def _dicom_dir(root: Path, n: int) -> Path:
 
 
 def _cli(capsys, *args):
-    """main(args) -> (exit code, stdout, stderr); parser errors exit via SystemExit."""
-    try:
-        code = convert.main([str(a) for a in args] + ["--no-progress"])
-    except SystemExit as e:
-        code = e.code
+    """The command in this process -> (exit code, stdout, stderr)."""
+    code = cli.call(convert, [*args, "--no-progress"])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -231,7 +229,7 @@ def test_pydicom_files_through_dicom_dir_with_two_workers(tmp_path):
     assert any(r["reason"].startswith("no decoder for transfer syntax") for r in rejects)
     for rs in _records(tmp_path / "w1").values():
         for r in rs:
-            assert schema.decode_image(r["image_png"]).shape == (RES, RES)
+            assert imaging.decode_png(r["image_png"]).shape == (RES, RES)
 
 
 # ------------------------------------------------------------------ CLI and sources registry

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cxr_rf import cli
 from cxr_rf import conditioning as cond
-from cxr_rf.data import convert, schema
+from cxr_rf.data import convert, imaging, schema, sources
+from cxr_rf.data.plan import patient_split
 from cxr_rf.data.schema import Record
+from cxr_rf.data.stats import format_stats
+from cxr_rf.data.writer import DatasetWriter
 
 RES = 16
 
@@ -79,13 +83,13 @@ def test_hash_id():
 
 def test_resize_and_decode_8bit():
     img = np.full((30, 20), 1000, np.uint16)
-    out = schema.resize_image(img, 8)
+    out = imaging.fit_square(img, 8, "crop")
     assert out.shape == (8, 8) and out.dtype == np.uint16 and np.all(out == 1000)
     from PIL import Image
     import io
     buf = io.BytesIO()
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(buf, format="PNG")
-    assert np.all(schema.decode_image(buf.getvalue()) == 65535)
+    assert np.all(imaging.decode_png(buf.getvalue()) == 65535)
 
 
 # ------------------------------------------------------------------ writer
@@ -95,7 +99,7 @@ def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "cxr"
     recs = {"train": [make_record(i) for i in range(11)],
             "validation": [make_record(100 + i) for i in range(2)]}
-    with convert.DatasetWriter(out, resolution=RES, num_shards=3) as w:
+    with DatasetWriter(out, resolution=RES, num_shards=3) as w:
         for split, rs in recs.items():
             for r in rs:
                 w.add(split, r)
@@ -134,14 +138,14 @@ def test_writer_stats(written):
     assert stats["total"]["age"]["unknown"] == sum(r.age < 0 for r in allr)
     assert stats["total"]["site"] == {"site0": 7, "site1": 6}
     assert stats["total"]["source"] == {"phantom": 13}
-    table = convert.format_stats(stats)
+    table = format_stats(stats)
     assert "Cardiomegaly" in table and "unmentioned" in table and "train" in table
 
 
 def test_writer_resizes(tmp_path):
     big = make_record(3, res=40)
     wide = make_record(4, image=np.full((24, 48), 7, np.uint16))
-    with convert.DatasetWriter(tmp_path / "d", resolution=8, num_shards=1) as w:
+    with DatasetWriter(tmp_path / "d", resolution=8, num_shards=1) as w:
         w.add("train", big)
         w.add("train", wide)
     src = tfds.builder_from_directory(str(tmp_path / "d")).as_data_source("train")
@@ -154,23 +158,23 @@ def test_writer_errors(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        convert.DatasetWriter(tmp_path / "full", resolution=8, num_shards=1)
+        DatasetWriter(tmp_path / "full", resolution=8, num_shards=1)
     with pytest.raises(ValueError, match="resolution"):
-        convert.DatasetWriter(tmp_path / "a", resolution=0, num_shards=1)
+        DatasetWriter(tmp_path / "a", resolution=0, num_shards=1)
     with pytest.raises(RuntimeError):
-        with convert.DatasetWriter(tmp_path / "b", resolution=8, num_shards=1) as w:
+        with DatasetWriter(tmp_path / "b", resolution=8, num_shards=1) as w:
             w.add("train", make_record(0))
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # partial output removed
-    w = convert.DatasetWriter(tmp_path / "c", resolution=8, num_shards=1)
+    w = DatasetWriter(tmp_path / "c", resolution=8, num_shards=1)
     with pytest.raises(ValueError, match="split name"):
         w.add("Train!", make_record(0))
     w.abort()
 
 
 def test_patient_split_fractions():
-    splits = [convert.patient_split(f"patient{i}") for i in range(4000)]
-    assert convert.patient_split("patient1") == splits[1]
+    splits = [patient_split(f"patient{i}") for i in range(4000)]
+    assert patient_split("patient1") == splits[1]
     frac = {s: splits.count(s) / len(splits) for s in ("train", "validation", "test")}
     assert abs(frac["train"] - 0.9) < 0.02 and abs(frac["test"] - 0.05) < 0.015
 
@@ -178,9 +182,8 @@ def test_patient_split_fractions():
 # ------------------------------------------------------------------ CLI
 
 def _cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        convert.main(list(args))
-    return e.value.code, capsys.readouterr().err
+    code = cli.call(convert, list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -211,8 +214,8 @@ def test_cli_subprocess_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "python -m cxr_rf.data.convert: error: unknown source 'bogus'; valid: "
-        + ", ".join(convert.SOURCES)]
+        "error: unknown source 'bogus'; valid: "
+        + ", ".join(sources.SOURCES)]
 
 
 def test_phantom_source_with_stand_in(tmp_path, monkeypatch):
@@ -250,8 +253,8 @@ def test_phantom_source_with_stand_in(tmp_path, monkeypatch):
                     reason="cxr_rf.data.phantom not written yet")
 def test_cli_phantom(tmp_path, capsys):
     out = tmp_path / "ph"
-    assert convert.main(["--source", "phantom", "--output", str(out), "--num", "40",
-                         "--resolution", "16", "--shards", "2", "--no-progress"]) == 0
+    assert cli.call(convert, ["--source", "phantom", "--output", str(out), "--num", "40",
+                              "--resolution", "16", "--shards", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "Pleural Effusion" in printed and "wrote 40 examples" in printed
     builder = tfds.builder_from_directory(str(out))

@@ -37,8 +37,8 @@ class Gaussian:
         x_BD = x.reshape(B, -1)
         t = jnp.asarray(t_B, dt)[:, None]
         mu, U, lam = (jnp.asarray(a, dt) for a in (self.mu, self.U, self.lam))
-        y = (x_BD - (1.0 - t) * mu) @ U
-        out = offset_fn(mu) + (diag_fn(t, lam) * y) @ U.T
+        y = (x_BD - (1.0 - t) * mu[None]) @ U
+        out = offset_fn(mu)[None] + (diag_fn(t, lam[None]) * y) @ U.T
         return out.reshape(x.shape)
 
     @staticmethod
@@ -65,6 +65,15 @@ class Gaussian:
 
 
 GAUSS = Gaussian(MU, SIGMA)
+
+
+def rf_loss(apply_fn, x0, rng, *, t_B=None, **settings):
+    """The training loss as the step computes it: ``flow.draw`` then ``flow.loss`` (the one
+    definition), returning (mean loss, {"loss_B", "t_B"})."""
+    fs = flow.FlowSettings(**{"shift": 1.0, **settings})
+    t_B, eps = flow.draw(rng, x0, fs, t_B)
+    loss_B = flow.loss(apply_fn, x0, t_B, eps, fs)
+    return jnp.mean(loss_B), {"loss_B": loss_B, "t_B": t_B}
 
 
 def test_shift_t_properties():
@@ -119,7 +128,7 @@ def test_rf_loss_attains_analytic_minimum(prediction):
     # Fixed timesteps (validation mode), kept above t_eps so x-prediction is exact.
     t_B = jax.random.uniform(rng_t, (n,), minval=0.06, maxval=0.98)
     opt = GAUSS.v_star if prediction == "v" else GAUSS.x0_star
-    loss_fn = jax.jit(lambda f, x, r: flow.rf_loss(f, x, r, prediction=prediction, t_B=t_B),
+    loss_fn = jax.jit(lambda f, x, r: rf_loss(f, x, r, prediction=prediction, t_B=t_B),
                       static_argnums=0)
     loss, aux = loss_fn(opt, x0, rng_loss)
     np.testing.assert_array_equal(aux["t_B"], t_B)
@@ -147,7 +156,7 @@ def test_rf_loss_sampled_t_matches_analytic():
     n = 200_000
     rng_x, rng_loss = jax.random.split(jax.random.PRNGKey(2))
     x0 = jnp.asarray(GAUSS.draw(rng_x, n), jnp.float32)
-    loss, aux = jax.jit(lambda x, r: flow.rf_loss(GAUSS.v_star, x, r, shift=3.0))(x0, rng_loss)
+    loss, aux = jax.jit(lambda x, r: rf_loss(GAUSS.v_star, x, r, shift=3.0))(x0, rng_loss)
     assert float(aux["t_B"].mean()) > 0.6  # shifted logit-normal
     expected = GAUSS.min_loss(aux["t_B"]).mean()
     assert abs(float(loss) - expected) < 5 * _stderr(aux["loss_B"]), (float(loss), expected)
@@ -212,7 +221,8 @@ def test_invert_then_sample_round_trips():
 
 def test_gaussian_mixture_weights_recovered():
     """1-D mixture: v* is the posterior-weighted mix of the components' Gaussian velocities."""
-    w, m, s2 = jnp.array([0.3, 0.7]), jnp.array([-2.0, 2.0]), jnp.array([0.09, 0.09])
+    # [1, K] rows, so every broadcast against [B, 1] is explicit (rank promotion raises).
+    w, m, s2 = jnp.array([[0.3, 0.7]]), jnp.array([[-2.0, 2.0]]), jnp.array([[0.09, 0.09]])
 
     def v_mix(x, t_B):
         x, t = x[:, :1], t_B[:, None]
@@ -271,7 +281,7 @@ def test_sample_never_evaluates_at_t0_and_keeps_dtype(method):
     eps = jnp.ones((4, 2), jnp.bfloat16)
     out = jax.jit(lambda e: flow.sample(poisoned, e, steps=5, method=method, shift=3.0))(eps)
     assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
-    _, aux = flow.rf_loss(GAUSS.v_star, eps, jax.random.PRNGKey(0))
+    _, aux = rf_loss(GAUSS.v_star, eps, jax.random.PRNGKey(0))
     assert aux["t_B"].dtype == jnp.float32 and aux["loss_B"].dtype == jnp.float32
 
 
@@ -283,8 +293,78 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="v, x"):
         flow.velocity_from_output(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), prediction="eps")
     with pytest.raises(ValueError, match="v, x"):
-        flow.rf_loss(GAUSS.v_star, jnp.zeros((2, 2)), jax.random.PRNGKey(0), prediction="eps")
+        flow.FlowSettings(prediction="eps")
     with pytest.raises(ValueError, match="v, x"):
         flow.guided_velocity_fn(lambda *a: a[0], jnp.zeros(1), jnp.zeros(1), 1.0, prediction="noise")
     with pytest.raises(ValueError, match="steps"):
         flow.timesteps(0)
+
+
+# ---------------------------------------------------------------- guided sampling, closed forms
+# An "apply function" whose output depends on the context tokens, one value per row: the
+# conditional rows differ from each other and from the null row, so a sampler that drops the
+# condition, the guidance scale, the shift or the x-prediction conversion lands elsewhere.
+COND_BL = jnp.array([[3, 1, 4], [1, 5, 9], [2, 6, 5]], jnp.int32)
+NULL_1L = jnp.array([[7, 7, 7]], jnp.int32)       # one null row, broadcast to the batch
+
+
+def _level_B(tok_BL):
+    """A per-row scalar of the tokens (-0.2, 0.5, 0.3 for COND_BL; 1.1 for the null row)."""
+    return 0.1 * jnp.sum(tok_BL, axis=1).astype(jnp.float32) - 1.0
+
+
+def _per_row(v_B, x):
+    return jnp.broadcast_to(v_B.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_guided_x_prediction_sample_is_the_guided_clean_image(method, scale, shift):
+    """x-prediction of a constant clean image m(tokens): v = (x - m) / t, whose flow is the
+    straight line x_t = m + t (x_1 - m). Every Euler or Heun step (the midpoint last step
+    too) has exactly the line's slope, so on any grid the sample is exactly the guided image
+    m_u + s (m_c - m_u), row by row."""
+    apply = lambda x, t_B, tok: _per_row(_level_B(tok), x)
+    x1 = jax.random.normal(jax.random.PRNGKey(9), (3, 4, 4, 1))
+    fn = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale, prediction="x")
+    x0 = jax.jit(lambda e: flow.sample(fn, e, steps=4, method=method, shift=shift))(x1)
+    m_c, m_u = _level_B(COND_BL), _level_B(NULL_1L)
+    want = m_u + scale * (m_c - m_u)
+    np.testing.assert_allclose(x0, _per_row(want, x1), atol=2e-5)
+    # Read as a velocity instead, the same network output gives x_1 - m (the straight path
+    # under constant velocity m): a different image.
+    fn_v = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale, prediction="v")
+    x0_v = jax.jit(lambda e: flow.sample(fn_v, e, steps=4, method=method, shift=shift))(x1)
+    np.testing.assert_allclose(x0_v, x1 - _per_row(want, x1), atol=2e-5)
+
+
+def _euler_sum(steps, shift):
+    """sum_i (t_{i+1} - t_i) t_i on the shifted grid, written out from the SD3 formula."""
+    u = 1.0 - np.arange(steps + 1) / steps
+    t = shift * u / (1.0 + (shift - 1.0) * u)
+    return float(np.sum(np.diff(t) * t[:-1]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_guided_v_sample_follows_the_shifted_grid(scale):
+    """v = k(tokens) * t. Heun (trapezoid, and the midpoint last step) integrates a velocity
+    linear in t exactly: x_0 = x_1 - k/2 on any grid. Euler gives x_1 + k sum_i dt_i t_i,
+    which depends on the grid, so it sees the shift: 4 steps give -0.625 k unshifted and
+    -0.6725 k at shift 3."""
+    apply = lambda x, t_B, tok: _per_row(_level_B(tok) * t_B, x)
+    x1 = jax.random.normal(jax.random.PRNGKey(10), (3, 4, 4, 1))
+    fn = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale)
+    k_c, k_u = _level_B(COND_BL), _level_B(NULL_1L)
+    k = k_u + scale * (k_c - k_u)
+    run = jax.jit(lambda e, method, shift: flow.sample(fn, e, steps=4, method=method, shift=shift),
+                  static_argnums=(1, 2))
+    assert _euler_sum(4, 1.0) == pytest.approx(-0.625)
+    assert _euler_sum(4, 3.0) == pytest.approx(-0.6725)
+    got = {}
+    for shift in (1.0, 3.0):
+        got[shift] = run(x1, "euler", shift)
+        np.testing.assert_allclose(got[shift], x1 + _per_row(k * _euler_sum(4, shift), x1),
+                                   atol=2e-5)
+        np.testing.assert_allclose(run(x1, "heun", shift), x1 - _per_row(k / 2, x1), atol=2e-5)
+    assert float(jnp.abs(got[3.0] - got[1.0]).min()) > 0.005      # every row sees the shift

@@ -183,3 +183,54 @@ def test_downsampling_is_anti_aliased():
     checker = ((np.indices((64, 64)).sum(0) % 2) * 60000).astype(np.uint16)  # 1-px checkerboard
     out = imaging.fit_square(checker, 16, "pad").astype(float)
     assert abs(out.mean() - 30000) < 300 and out.std() < 0.01 * 65535
+
+
+def _tilted(h, w):
+    """uint16 [h, w] brightening to the right (by 40000) and downwards (by 15000): no symmetry."""
+    y, x = np.mgrid[:h, :w]
+    return np.rint(5000 + 40000 * x / (w - 1) + 15000 * y / (h - 1)).astype(np.uint16)
+
+
+def _rise(a):
+    """(right half - left half, bottom half - top half) mean brightness of ``a``."""
+    a = np.asarray(a, np.float64)
+    h, w = a.shape
+    return a[:, w - w // 2:].mean() - a[:, :w // 2].mean(), a[h - h // 2:].mean() - a[:h // 2].mean()
+
+
+def _assert_upright(a, what):
+    # A left-right mirror flips the sign of the first, an up-down one of the second, a
+    # transpose swaps which is larger (the horizontal tilt is the stronger one everywhere).
+    lr, tb = _rise(a)
+    assert lr > 0 and tb > 0 and lr > tb, f"{what}: left-right rise {lr:.0f}, top-bottom rise {tb:.0f}"
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (37, 37)])
+@pytest.mark.parametrize("fit", imaging.FITS)
+def test_fit_keeps_orientation(shape, fit):
+    out = imaging.fit_square(_tilted(*shape), 16, fit)
+    rows, cols = np.nonzero(out)  # the film without pad's black borders (the film is >= 5000)
+    _assert_upright(out[rows.min():rows.max() + 1, cols.min():cols.max() + 1], f"{fit} {shape}")
+
+
+@pytest.mark.parametrize("stored,stage", [(32, 16), (16, 32)])
+def test_pipeline_stage_resize_keeps_orientation(stored, stage):
+    """The training pipeline's resize of a stored R x R record to a stage resolution."""
+    from cxr_rf.data import pipeline, schema
+    record = schema.Record(image=_tilted(stored, stored), findings=np.zeros(14, np.int8),
+                           source="phantom", patient_id="p")
+    x = pipeline.DecodeExample(stage).map(schema.to_example(record))["image"]
+    assert x.shape == (stage, stage, 1)
+    _assert_upright(x[..., 0], f"stage {stored} -> {stage}")
+
+
+def test_records_and_files_share_one_decoder(tmp_path):
+    """A record's PNG bytes decode exactly as the same PNG read from a file."""
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, (12, 9)).astype(np.uint16)
+    assert np.array_equal(imaging.decode_png(imaging.encode_png(a16)), a16)
+    for name, arr in (("g16", a16), ("g8", rng.integers(0, 256, (12, 9)).astype(np.uint8)),
+                      ("rgb", rng.integers(0, 256, (12, 9, 3)).astype(np.uint8))):
+        path = _png(tmp_path / f"{name}.png", arr)
+        with open(path, "rb") as f:
+            assert np.array_equal(imaging.decode_png(f.read()), imaging.read_raster(path)), name

@@ -460,7 +460,7 @@ def test_local_real_cpu_run(tmp_path):
     wd = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_"))}
     env.update(JAX_PLATFORMS="cpu")
-    r = subprocess.run(["bash", LOCAL, "--config", "tests/scale_config.py", "--workdir", str(wd),
+    r = subprocess.run(["bash", LOCAL, "--config", "tests/tiny.py", "--workdir", str(wd),
                         "--num", "2", "--", "--config.train.steps=2", "--config.sample.steps=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

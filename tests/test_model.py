@@ -106,6 +106,30 @@ def test_scanned_equals_unrolled():
                                _apply(TINY)({"params": noisy}, x, t, tok), rtol=1e-5, atol=1e-5)
 
 
+def test_each_row_of_a_batch_is_computed_alone():
+    """Row i of a batched forward pass equals row i run alone: nothing (pooling, norms,
+    attention) mixes examples. Every row has its own image, t, structured tokens and report,
+    so conditioning pooled over the batch, or a norm over it, changes some row."""
+    _, noisy = _init(TINY)
+    x, _, _ = _inputs(TINY)
+    t = jnp.asarray([0.9, 0.15, 0.6, 0.35], jnp.float32)
+    conds = [conditioning.Conditions.parse(f, sex=s, age=a, view=v) for f, s, a, v in (
+        ("Cardiomegaly", "F", 70, "PA"), ("", "M", 30, "AP"),
+        ("Pneumothorax=uncertain,Fracture", "M", 25, "PA"), ("Pleural Effusion", "F", 85, "AP"))]
+    tok = jnp.asarray(np.stack([c.tokens(r, TINY.report_len) for c, r in zip(
+        conds, ("enlarged heart", "normal", "", "fluid"))]), jnp.int32)
+    apply = _apply(TINY)
+    full = np.asarray(apply({"params": noisy}, x, t, tok))
+    for i in range(len(conds)):
+        alone = np.asarray(apply({"params": noisy}, x[i:i + 1], t[i:i + 1], tok[i:i + 1]))
+        np.testing.assert_allclose(full[i], alone[0], rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+    # Reordering the batch reorders the outputs (same shape, so also the same program).
+    rev = np.asarray(apply({"params": noisy}, x[::-1], t[::-1], tok[::-1]))
+    np.testing.assert_allclose(rev[::-1], full, rtol=1e-5, atol=1e-5)
+    # The rows are far apart compared with the tolerance, so equality above means something.
+    assert min(np.abs(full[i] - full[j]).max() for i in range(4) for j in range(i)) > 0.1
+
+
 @pytest.mark.parametrize("depth,policies", [
     # depth 2: the scanned block (production path, prevent_cse=False) + the last block.
     (2, ("full",)),

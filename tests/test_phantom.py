@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from cxr_rf import conditioning as cond
 from cxr_rf.data import phantom
+from cxr_rf.data.phantom.patients import sample_study
 from cxr_rf.data.phantom.report import NEGATIVE_TEXT
 
 R = 160          # measurement tests; measure() needs >= 128 px
@@ -293,3 +294,253 @@ def test_prevalence_and_label_noise_plausible(draws):
     ap_dev = np.mean([s.view == "AP" for s in draws if s.truth["present"]["Support Devices"]])
     ap_none = np.mean([s.view == "AP" for s in draws if not s.truth["present"]["Support Devices"]])
     assert ap_dev > ap_none + 0.2        # portable AP films for lines-and-tubes patients
+
+
+# ---------------------------------------------------------------- every finding in the pixels
+# Each finding is rendered into a patient with and without it (``generate``'s ``findings``
+# override; every other finding forced absent, view and site fixed), so anatomy, texture and
+# noise are identical and the difference image is the finding alone. Exposure is monotone,
+# so added attenuation can only brighten a pixel and removed attenuation only darken it.
+
+CLEAN = {f: False for f in cond.FINDINGS if f != "No Finding"}
+# Findings that the forced one implies (so they cannot also be forced absent).
+IMPLIES = {"Consolidation": ("Lung Opacity",), "Edema": ("Lung Opacity",),
+           "Pneumonia": ("Consolidation", "Lung Opacity"),
+           "Cardiomegaly": ("Enlarged Cardiomediastinum",)}
+PX = 128
+
+
+def _with(name, value=True):
+    """The findings override that adds ``name`` alone (with what it implies)."""
+    return {**{k: v for k, v in CLEAN.items() if k not in IMPLIES.get(name, ())}, name: value}
+
+
+def _twins(seed, index, name, value=True, n=PX, site="site_a"):
+    """(study with the finding, its finding-free twin, difference in [0, 1] display units)."""
+    kw = dict(view="PA", site=site)
+    w = phantom.generate(seed, index, n, findings=_with(name, value), **kw)
+    wo = phantom.generate(seed, index, n, findings=CLEAN, **kw)
+    assert w.truth["present"][name] and not wo.truth["present"][name]
+    return w, wo, (w.image.astype(np.float64) - wo.image.astype(np.float64)) / FULL
+
+
+def _grid(n):
+    """Pixel-centre coordinates (x as [1, n], y as [n, 1]) in image units."""
+    c = (np.arange(n) + 0.5) / n
+    return c[None, :], c[:, None]
+
+
+def _on_side(x, s, side):
+    """Columns on the patient's ``side`` (patient left = image right)."""
+    return (x > s.truth["midline"]) == (side == "left")
+
+
+def _brightened_only(d, tol=1.5 / FULL):
+    """Only added density: no pixel darker than the rounding of the twin."""
+    assert d.min() >= -tol, d.min()
+    assert d.max() > 0.02
+
+
+# Four studies over the three sites; between them every sided finding below falls on each
+# side at least once, and the lesions include nodules and a mass.
+CASES = [(31, i, site) for i, site in zip((0, 2, 6, 7), phantom.SITES + phantom.SITES[:1])]
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_lung_lesion_is_a_bright_nodule_at_its_site(seed, index, site):
+    s, _, d = _twins(seed, index, "Lung Lesion", site=site)
+    _brightened_only(d)
+    x, y = _grid(PX)
+    inside = np.zeros(d.shape, bool)
+    for les in s.truth["details"]["lesions"]:
+        r2 = (x - les["x"]) ** 2 + (y - les["y"]) ** 2
+        core = r2 < (0.5 * les["r"]) ** 2
+        assert d[core].mean() > 0.05, les          # dense at its centre
+        assert _on_side(les["x"], s, les["side"])
+        inside |= r2 < (1.3 * les["r"] + 1.5 / PX) ** 2   # lobulated masses reach ~1.15 r
+    assert np.abs(d[~inside]).max() < 0.004        # and nowhere else
+
+
+@pytest.mark.parametrize("name,key", [("Consolidation", "consolidation"),
+                                      ("Lung Opacity", "ggo")])
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_airspace_opacity_brightens_its_lung_region(name, key, seed, index, site):
+    s, _, d = _twins(seed, index, name, site=site)
+    _brightened_only(d)
+    p = s.truth["details"][key]
+    x, y = _grid(PX)
+    reach = 2.2 * p["r"] + 1.5 / PX
+    box = (np.abs(x - p["x"]) <= reach) & (np.abs(y - p["y"]) <= reach)
+    assert np.abs(d[~box]).max() < 0.004
+    core = (x - p["x"]) ** 2 + (y - p["y"]) ** 2 < (0.5 * p["r"]) ** 2
+    assert d[core].mean() > (0.05 if key == "consolidation" else 0.025), d[core].mean()
+    assert _on_side(p["x"], s, p["side"]) and p["y"] < 0.6        # mid/upper lung
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_consolidation_is_denser_than_ground_glass(seed, index, site):
+    c = _twins(seed, index, "Consolidation", site=site)[2]
+    g = _twins(seed, index, "Lung Opacity", site=site)[2]
+    assert np.percentile(c[c > 0], 90) > 1.5 * np.percentile(g[g > 0], 90)
+
+
+def test_pneumonia_is_drawn_as_a_consolidation():
+    for index in range(3):
+        pna, _, d_pna = _twins(37, index, "Pneumonia")
+        _, _, d_cons = _twins(37, index, "Consolidation")
+        assert pna.truth["present"]["Consolidation"]
+        np.testing.assert_array_equal(d_pna, d_cons)
+        assert d_pna.max() > 0.05
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_edema_is_a_bilateral_perihilar_haze(seed, index, site):
+    s, _, d = _twins(seed, index, "Edema", site=site)
+    _brightened_only(d)
+    a = sample_study(seed, index, dict(findings=_with("Edema"), view="PA", site=site)).anatomy
+    x, y = _grid(PX)
+    mid = s.truth["midline"]
+    left, right = d[:, x[0] > mid].sum(), d[:, x[0] <= mid].sum()
+    assert min(left, right) > 0.4 * max(left, right)            # both lungs
+    for side in ("right", "left"):
+        hx, hy = a.hila[side]
+        near = (x - hx) ** 2 + (y - hy) ** 2 < 0.06 ** 2
+        # Peripheral lung at the same rows, beyond the haze (two haze widths lateral).
+        far = ((np.abs(x - hx) > 0.16) & _on_side(x, s, side) & (np.abs(y - hy) < 0.06)
+               & (np.abs(x - mid) < a.H - 0.02))
+        assert d[near].mean() > 0.015 and d[near].mean() > 3 * d[far].mean(), side
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_atelectasis_is_a_plate_and_lifts_its_hemidiaphragm(seed, index, site):
+    # 256 px: the plate is point-sampled (not anti-aliased), and at 128 px one thinner than
+    # ~1.3 px falls between pixel centres in places. Male patients: the breast shadows hang
+    # from the right dome, so lifting the right dome also moves the left breast (a phantom
+    # quirk, reported), which would blur "the other side is untouched".
+    n, kw = 256, dict(view="PA", site=site, sex="M")
+    w = phantom.generate(seed, index, n, findings=_with("Atelectasis"), **kw)
+    wo = phantom.generate(seed, index, n, findings=CLEAN, **kw)
+    d = (w.image.astype(np.float64) - wo.image.astype(np.float64)) / FULL
+    at = w.truth["details"]["atelectasis"]
+    side = at["side"]
+    x, y = _grid(n)
+    for f in (0.3, 0.5, 0.7):                  # the plate: a bright band along its segment
+        px, py = at["x0"] + f * (at["x1"] - at["x0"]), at["y0"] + f * (at["y1"] - at["y0"])
+        near = (x - px) ** 2 + (y - py) ** 2 < (at["th"] / 2 + 1 / n) ** 2
+        assert d[near].max() > 0.05, f
+    # Volume loss: that lung's base rises by the lift and denser tissue takes its place.
+    lung_w = phantom.truth_masks(seed, index, n, findings=_with("Atelectasis"), **kw)
+    lung_wo = phantom.truth_masks(seed, index, n, findings=CLEAN, **kw)
+    lung_w, lung_wo = lung_w["pleural_space"], lung_wo["pleural_space"]
+    lost, gained = lung_wo & ~lung_w, lung_w & ~lung_wo
+    assert lost.sum() > 3 * gained.sum() + 50
+    assert _on_side((np.nonzero(lost | gained)[1] + 0.5) / n, w, side).all()
+    assert d[lost].mean() > 0.05
+    mid, H = w.truth["midline"], w.truth["thoracic_width"] / 2
+    lateral = (np.abs(x[0] - mid) > 0.5 * H) & (np.abs(x[0] - mid) < 0.8 * H)
+    lateral &= _on_side(x[0], w, side)
+
+    def base_row(lung):
+        return np.max(np.nonzero(lung[:, lateral].any(1))[0])
+    assert base_row(lung_wo) - base_row(lung_w) >= 0.015 * n        # lifted >= 0.018
+    assert np.abs(d[:, ~_on_side(x[0], w, side)]).max() < 0.004     # the other side untouched
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_fracture_is_a_rib_discontinuity_on_its_side(seed, index, site):
+    n = 256                                          # the cortical gap is ~2 px wide here
+    s, _, d = _twins(seed, index, "Fracture", n=n, site=site)
+    f = s.truth["details"]["fracture"]
+    x, y = _grid(n)
+    mid, H = s.truth["midline"], s.truth["thoracic_width"] / 2
+    ax = np.abs(x - mid) / H + 0 * y                 # distance from the midline in half-widths
+    changed = np.abs(d) > 1.5 / FULL
+    assert changed.sum() > 10
+    # Only the fractured rib on the stated side changes, and only from the break outward:
+    # the medial part of the rib is intact.
+    assert _on_side(x + 0 * y, s, f["side"])[changed].all()
+    assert (ax[changed] > f["s"] - (0.0035 + 2 / n) / H).all()
+    # At the break (a 0.007-wide gap) the rib is interrupted: bone removed, darker than the
+    # intact twin, and no bone anywhere in those columns (a displaced but unbroken rib would
+    # put its fragment there: brighter pixels).
+    gap = (np.abs(ax - f["s"]) * H < 0.0033) & _on_side(x + 0 * y, s, f["side"])
+    assert d[gap].min() < -0.02 and d[gap].max() < 0.1 * -d[gap].min()
+    # Beyond it the lateral fragment is displaced (a step), so the change reaches laterally.
+    assert ax[changed].max() > f["s"] + 0.05
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_pleural_other_is_an_apical_cap_on_its_side(seed, index, site):
+    s, _, d = _twins(seed, index, "Pleural Other", site=site)
+    _brightened_only(d)
+    c = s.truth["details"]["pleural_other"]
+    x, y = _grid(PX)
+    changed = d > 1.5 / FULL
+    assert _on_side(x + 0 * y, s, c["side"])[changed].all()
+    assert (np.nonzero(changed)[0] / PX < 0.42).all()           # at the apex
+    assert d.max() > 0.05
+
+
+def test_support_devices_are_bright_at_their_places():
+    x, y = _grid(PX)
+    seen = set()
+    for index in range(8):
+        s, _, d = _twins(43, index, "Support Devices", site=phantom.SITES[index % 3])
+        _brightened_only(d)
+        dev = s.truth["details"]["devices"]
+        a = sample_study(43, index, dict(findings=_with("Support Devices"),
+                                         view="PA", site=phantom.SITES[index % 3])).anatomy
+        cx = a.cx
+
+        def peak(px, py, r):
+            return d[(np.abs(x - px) < r) & (np.abs(y - py) < r)].max()
+        for ex, ey in dev["ecg"]:                                  # electrodes: metal rings
+            assert peak(ex, ey, 0.014) > 0.03
+            seen.add("ecg")
+        if dev["pm"]:                                              # pacemaker can
+            sx = 1 if dev["pm"] == "left" else -1
+            can = (np.abs(x - cx - sx * 0.24) < 0.025) & (np.abs(y - 0.2) < 0.015)
+            assert d[can].mean() > 0.1
+            seen.add("pm")
+        if dev["cvc"]:                                             # line enters at the clavicle
+            sx = 1 if dev["cvc"] == "left" else -1
+            assert peak(cx + sx * 0.24, 0.195, 0.02) > 0.03
+            seen.add("cvc")
+        if dev["et"]:                                              # tube down the midline
+            rows = np.arange(int(0.08 * PX), int((dev["et"] - 0.02) * PX))
+            band = d[rows][:, np.abs(x[0] - cx + 0.004) < 0.012]
+            assert (band.max(1) > 0.02).mean() > 0.9
+            seen.add("et")
+        if dev["ng"]:                                              # tip under the left dome
+            assert peak(cx + 0.13, a.dome["left"] + 0.075, 0.025) > 0.03
+            seen.add("ng")
+    assert seen == {"ecg", "pm", "cvc", "et", "ng"}, seen
+
+
+@pytest.mark.parametrize("seed,index,site", CASES)
+def test_widened_mediastinum_keeps_the_heart(seed, index, site):
+    s, wo, d = _twins(seed, index, "Enlarged Cardiomediastinum", site=site)
+    assert not s.truth["present"]["Cardiomegaly"]
+    assert s.truth["ctr"] == wo.truth["ctr"]                     # the heart is unchanged
+    assert d[d > 0].sum() > 20 * -d[d < 0].sum()
+    x, y = _grid(PX)
+    changed = np.abs(d) > 1.5 / FULL
+    rows, cols = np.nonzero(changed)
+    mid = s.truth["midline"]
+    # Upper mediastinum only: near the midline, above the heart's widest rows.
+    assert (np.abs((cols + 0.5) / PX - mid) < 0.16).all() and (rows / PX < 0.55).all()
+    upper = y < 0.5
+    for side in ("right", "left"):          # right mediastinal border, left aortic knob
+        assert d[upper & _on_side(x, s, side)].sum() > 0.3, side
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pneumothorax_is_lucent_on_its_side(side):
+    s, _, d = _twins(43, 2, "Pneumothorax", side)
+    region = phantom.truth_masks(43, 2, PX, findings={**CLEAN, "Pneumothorax": side},
+                                 view="PA", site="site_a")["pneumothorax"]
+    assert region.sum() > 20
+    assert d[region].mean() < -0.01                    # darker: air without lung behind it
+    assert _on_side((np.nonzero(region)[1] + 0.5) / PX, s, side).all()
+    x, y = _grid(PX)
+    assert np.abs(d[~_on_side(x + 0 * y, s, side)]).max() < 0.004   # the other lung untouched

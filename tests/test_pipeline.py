@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data import convert, pipeline, schema
+from cxr_rf import errors
+from cxr_rf.data import imaging, pipeline, schema
 from cxr_rf.data.schema import Record
+from cxr_rf.data.writer import DatasetWriter
 
 RES, N = 16, 24
 
@@ -36,7 +38,7 @@ def clean_tokens(i: int, report_len: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "ds"
-    with convert.DatasetWriter(out, resolution=RES, num_shards=3) as w:
+    with DatasetWriter(out, resolution=RES, num_shards=3) as w:
         for i in range(N):
             w.add("train", make_record(i))
     return str(out)
@@ -165,14 +167,14 @@ def test_errors(data_dir, tmp_path):
     with pytest.raises(ValueError, match="split 'test' not in dataset"):
         pipeline.make_loader(data_dir, "test", global_batch=4, seed=0, resolution=RES,
                              process_index=0, process_count=1)
-    with pytest.raises(FileNotFoundError, match="no converted dataset"):
+    with pytest.raises(errors.UserError, match="no converted dataset"):
         loader(str(tmp_path))
     with pytest.raises(ValueError, match="unknown group 'colour'"):
         loader(data_dir, cond_dropout={"colour": 0.1})
     with pytest.raises(ValueError, match="probability"):
         loader(data_dir, cond_dropout={"sex": 1.5})
     example = schema.to_example(make_record(0))
-    example["image_png"] = schema.encode_image(np.zeros((8, 16), np.uint16))
+    example["image_png"] = imaging.encode_png(np.zeros((8, 16), np.uint16))
     with pytest.raises(ValueError, match="not square"):
         pipeline.DecodeExample(RES).map(example)
 
@@ -181,7 +183,7 @@ def test_errors(data_dir, tmp_path):
 def second_dir(tmp_path_factory):
     """A second dataset whose records have ids 24..31 (pixel values tell them apart)."""
     out = tmp_path_factory.mktemp("pipe2") / "ds"
-    with convert.DatasetWriter(out, resolution=RES, num_shards=2) as w:
+    with DatasetWriter(out, resolution=RES, num_shards=2) as w:
         for i in range(N, 32):
             w.add("train", make_record(i))
     return str(out)

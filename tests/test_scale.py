@@ -5,7 +5,6 @@ gradient accumulation, SIGTERM / kill -9 resume, resharded restore, corrupted ch
 Multi-device and multi-process checks run in subprocesses (tests/scale_worker.py, the CLI,
 launch/local_multiprocess.sh) so this process keeps its single CPU device.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -18,11 +17,12 @@ import jax
 import numpy as np
 import pytest
 
+import tiny as tiny_run
 from cxr_rf import checkpoint, sharding, train
-from cxr_rf import step as step_lib
+from cxr_rf import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "scale_config.py")
+CONFIG = tiny_run.PATH
 WORKER = os.path.join(ROOT, "tests", "scale_worker.py")
 # Subprocesses inherit the session's persistent compilation cache (tests/conftest.py): the
 # same tiny step, compiled by many runs and restarts, compiles once.
@@ -31,21 +31,13 @@ ENV.pop("XLA_FLAGS", None)
 
 
 def tiny(**train_kw):
-    spec = importlib.util.spec_from_file_location("scale_config", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.train.update(**train_kw)
-    return c
+    """The 16² tiny run config (tests/tiny.py) with ``train.*`` overrides."""
+    return tiny_run.load(16, **train_kw)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    from cxr_rf.data import convert
-    c = tiny()
-    convert.convert_phantom(d, num=c.data.num, resolution=c.data.resolution, seed=0, shards=2)
-    return str(d)
+def data_dir(phantom_data):
+    return phantom_data(16)
 
 
 def _run(args, timeout=300, check=True):
@@ -99,23 +91,46 @@ def test_microbatches_that_do_not_split_fail_before_compiling():
 
 # --- (b) step: accumulation and the non-finite guard -----------------------------------------
 
-def _batch(cfg, seed=0):
-    from cxr_rf import conditioning
+def perturbed(state, seed=0, scale=0.02):
+    """``state`` with every parameter moved off its initial value (EMA alike): adaLN-Zero
+    gates and the zero-init output start at 0, so from the init most gradients are exactly 0
+    and an equivalence test would compare mostly untouched weights."""
     rng = np.random.default_rng(seed)
-    b, r = cfg.train.batch_size, cfg.data.resolution
-    return {"image": rng.uniform(-1, 1, (b, r, r, 1)).astype(np.float32),
-            "tokens": np.tile(conditioning.null_tokens(0), (b, 1))}
+    host = jax.tree.map(lambda p: np.asarray(p) + scale * rng.standard_normal(p.shape).astype(
+        np.float32), state.params)
+    # Two device copies: params and EMA are donated separately by the step.
+    put = lambda: jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), host, state.params)
+    return state.replace(params=put(), ema_params=put())
 
 
-def test_gradient_accumulation_equals_whole_batch_and_nonfinite_is_skipped():
-    whole, acc = train.Trainer(tiny()), train.Trainer(tiny(microbatches=4))
-    batches = [_batch(whole.cfg, s) for s in range(2)]
-    s1, s4 = whole.init_state(), acc.init_state()
+def changed_fraction(before, after) -> float:
+    """Fraction of parameter arrays whose values changed."""
+    pairs = list(zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+    return sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs) / len(pairs)
+
+
+def _no_warmup(c):
+    c.optim.warmup_steps = 0       # learning rate > 0 from the first step
+    return c
+
+
+def test_gradient_accumulation_equals_whole_batch_and_nonfinite_is_skipped(synthetic_batch):
+    """4 microbatches == the whole batch over 4 steps with no warm-up, from perturbed weights
+    and with a different condition per example: losses, gradient norms and every parameter
+    (which all move, so the comparison has teeth: a conditioning pooled over the batch, or a
+    microbatch split that mixes up examples, fails it)."""
+    whole = trainer_lib.Trainer(_no_warmup(tiny()))
+    acc = trainer_lib.Trainer(_no_warmup(tiny(microbatches=4)))
+    batches = [synthetic_batch(whole.cfg, s) for s in range(4)]
+    s1 = perturbed(whole.init_state())
+    s4 = perturbed(acc.init_state())
+    start = jax.device_get(s1.params)
     for b in batches:
         s1, m1 = whole.train_step(s1, b)
         s4, m4 = acc.train_step(s4, b)
         np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
         np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+    assert changed_fraction(start, s1.params) == 1.0
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -131,9 +146,9 @@ def test_gradient_accumulation_equals_whole_batch_and_nonfinite_is_skipped():
     assert int(m["nonfinite_streak"]) == 2
     state, m = whole.train_step(state, batches[1])
     assert float(m["skipped"]) == 0.0 and int(state.nonfinite_streak) == 0
-    train.check_streak(2, 3, step=7)
+    trainer_lib.check_streak(2, 3, step=7)
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps .* step 7"):
-        train.check_streak(3, 3, step=7)
+        trainer_lib.check_streak(3, 3, step=7)
 
 
 def test_run_stops_after_k_consecutive_nonfinite_steps(tmp_path, data_dir):
@@ -203,7 +218,7 @@ def test_sigterm_saves_and_exits_0_then_kill_9_resume_is_bitwise(tmp_path, data_
 
 
 def _restore(workdir, cfg):
-    trainer = train.Trainer(cfg)
+    trainer = trainer_lib.Trainer(cfg)
     abstract = checkpoint.abstract(trainer.init_state())
     return checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract)[1]
 
@@ -244,7 +259,7 @@ def test_corrupted_latest_falls_back_loudly_and_unreadable_stops(tmp_path, data_
         train.run(c, wd)
     c.train.fresh_start_if_unreadable = True       # only when asked
     mngr = checkpoint.manager(wd / "checkpoints")
-    start, _ = train.restore_or_start(c, mngr, train.Trainer(c).init_state(), None)
+    start, _ = trainer_lib.restore_or_start(c, mngr, trainer_lib.Trainer(c).init_state(), None)
     assert start == 0 and not mngr.all_steps()     # the unreadable ones were moved aside
     mngr.close()
 

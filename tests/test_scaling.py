@@ -15,6 +15,7 @@ from PIL import Image
 from tensorboardX import FileWriter, SummaryWriter
 from tensorboardX.proto import summary_pb2, tensor_pb2
 
+from cxr_rf import cli
 from cxr_rf import config as config_lib
 from cxr_rf import scaling
 from cxr_rf.model import mmdit
@@ -250,8 +251,9 @@ def test_fit_of_ladder_runs_and_prediction(runs, tmp_path):
 def test_cli_end_to_end(runs, tmp_path):
     out, js = tmp_path / "fit.png", tmp_path / "fit.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr_rf.scaling", "--runs", *runs, "--predict", LADDER.NEXT,
-         f"experiments/ladder.py:{LADDER.NEXT}", "--out", str(out), "--json", str(js)],
+        [sys.executable, "-m", "cxr_rf.scaling", "--runs", *runs, "--predict",
+         f"{LADDER.NEXT},experiments/ladder.py:{LADDER.NEXT}", "--out", str(out),
+         "--json", str(js)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
@@ -278,21 +280,20 @@ def test_cli_min_point(runs, tmp_path, capsys):
     bumped = str(tmp_path / "bumped")
     write_run(bumped, cfg, np.random.default_rng(1),
               loss_fn=lambda C: law(C) + (0.05 if C >= expected_flops(cfg, last) else 0.0))
-    assert scaling.main(["--runs", *runs[:-1], bumped, "--point", "min", "--json",
-                         str(tmp_path / "m.json")]) == 0
+    # --runs takes a comma-separated list; run directories may also follow the flags (a glob)
+    assert cli.call(scaling, ["--runs", ",".join([*runs[:-1], bumped]), "--point", "min",
+                              "--json", str(tmp_path / "m.json")]) == 0
     rows = {r["name"]: r for r in json.loads((tmp_path / "m.json").read_text())["runs"]}
     assert rows["bumped"]["step"] < last and rows["bumped"]["loss"] < 0.1
     capsys.readouterr()
-    assert scaling.main(["--runs", *runs[:-1], bumped, "--json", str(tmp_path / "f.json")]) == 0
+    assert cli.call(scaling, ["--runs", *runs[:-1], bumped, "--json",
+                              str(tmp_path / "f.json")]) == 0
     rows = {r["name"]: r for r in json.loads((tmp_path / "f.json").read_text())["runs"]}
     assert rows["bumped"]["step"] == last and rows["bumped"]["loss"] > 0.1
 
 
 def _main_error(argv, capsys) -> tuple[int, str]:
-    try:
-        code = scaling.main(argv)
-    except SystemExit as e:                 # argparse-style exit 2
-        code = e.code
+    code = cli.call(scaling, argv)
     return code, one_line_error(capsys.readouterr().err)
 
 

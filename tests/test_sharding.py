@@ -56,3 +56,54 @@ def test_mesh_sizes_must_divide_the_dimensions_they_split():
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="does not split into 5 \\(fsdp\\)"):
         sharding.check_divisible(boxed, jax.sharding.AbstractMesh((1, 5, 1), sharding.MESH_AXES))
+
+
+def _constrained_activation_names(c):
+    """Every logical name the model passes to sharding.constrain while tracing (on a
+    one-device mesh, where constraints are applied)."""
+    from cxr_rf import step as step_lib
+    from cxr_rf.model import build_model
+    seen, real = set(), sharding.constrain
+
+    def spy(x, names):
+        seen.update(n for n in names if n is not None)
+        return real(x, names)
+
+    model = build_model(c)
+    batch = step_lib.dummy_batch(c, 2)
+    t = jax.ShapeDtypeStruct((2,), batch["image"].dtype)
+    sharding.constrain = spy
+    try:
+        with sharding.use(sharding.make_mesh(c.mesh, jax.devices()[:1])):
+            params = step_lib.abstract_state(c).params
+            jax.eval_shape(lambda p, x, t, tok: model.apply({"params": p}, x, t, tok),
+                           params, batch["image"], t, batch["tokens"])
+    finally:
+        sharding.constrain = real
+    return seen
+
+
+def test_activations_have_their_own_logical_names_and_rules():
+    """Activations never reuse a weight name (editing a weight rule must not reshard them, and
+    vice versa), and every activation name the model uses has a rule."""
+    from cxr_rf import config
+    from cxr_rf.model import abstract_params, build_model
+    c = config.base()
+    act = _constrained_activation_names(c)
+    weights = set()
+    for spec in jax.tree.leaves(
+            __import__("flax").linen.get_partition_spec(abstract_params(build_model(c), 32)),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+        weights.update(n for n in spec if n is not None)
+    assert act and all(n.startswith("activation_") for n in act), act
+    assert not any(n.startswith("activation_") for n in weights), weights
+    ruled = {name for name, _ in sharding.RULES}
+    assert act <= ruled, f"activation names without a rule: {sorted(act - ruled)}"
+    # The placement the rules give (checked against the compiled program on 8 devices in
+    # tests/scale_worker.py "sharded").
+    P = jax.sharding.PartitionSpec
+    assert sharding.mesh_axes(("activation_batch", "activation_length", "activation_embed")) \
+        == P(("data", "fsdp"), None, None)
+    assert sharding.mesh_axes(("activation_batch", "activation_length", "activation_mlp")) \
+        == P(("data", "fsdp"), None, "tensor")
+    assert sharding.mesh_axes(("embed", "mlp")) == P("fsdp", "tensor")

@@ -38,6 +38,28 @@ def by_name(items):
     return {os.path.basename(i.path): i for i in items}
 
 
+def test_one_list_of_sources_and_its_token_ids_are_pinned():
+    """conditioning.SOURCES is the one list; trained checkpoints depend on its order."""
+    assert cond.SOURCES == ("unknown", "phantom", "mimic_cxr_jpg", "chexpert", "nih_cxr14", "padchest",
+                            "vindr_cxr", "brax", "rexgradient", "openi", "dicom_dir")
+    sl = cond.group_slices()["source"]
+    ids = [int(cond.encode(np.zeros(14, np.int8), source=s)[sl][0]) for s in cond.SOURCES]
+    assert ids == list(range(95, 106)) and cond.null_tokens()[sl].tolist() == [106]
+    assert cond.vocab_size() == 365
+    # The data package derives its registry: same names, same order, one module each.
+    assert sources.SOURCES == cond.SOURCES[1:]
+    assert [sources.get(s).NAME for s in sources.SOURCES] == list(sources.SOURCES)
+
+
+def test_conditioning_imports_without_the_data_package():
+    import subprocess
+    import sys
+    code = ("import sys, cxr_rf.conditioning; "
+            "print(sorted(m for m in sys.modules if m.startswith('cxr_rf.data')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+
+
 def reasons(rejects):
     return " | ".join(f"{r.path}: {r.reason}" for r in rejects)
 
@@ -274,7 +296,7 @@ def test_convert_end_to_end(tmp_path, name):
 
     import tensorflow_datasets as tfds
 
-    from cxr_rf.data import convert, schema
+    from cxr_rf.data import convert, plan, schema
     d = MAKERS[name](str(tmp_path / "raw"))
     items, rejects = run(name, d)
     out = tmp_path / "out"
@@ -291,7 +313,7 @@ def test_convert_end_to_end(tmp_path, name):
             if name == "vindr_cxr":  # sex/age exist only in the DICOM header: the converter read it
                 assert (ex["sex"], ex["age"]) == ("F", 45.0)
     # Official splits are kept as given; split=None Items go by the hash of their raw patient id.
-    want = [(it.split or convert.patient_split(it.patient_id), tuple(it.findings.tolist()), it.view,
+    want = [(it.split or plan.patient_split(it.patient_id), tuple(it.findings.tolist()), it.view,
              it.race, it.report) for it in items]
     assert sorted(got) == sorted(want)
     assert sum(1 for _ in open(out / "rejects.jsonl")) == len(rejects)

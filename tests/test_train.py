@@ -9,31 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from cxr_rf import config as config_lib
 from cxr_rf import train
+from cxr_rf import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(steps=4):
-    c = config_lib.base()
-    c.data.update(num=48, resolution=32, shards=2)
-    c.model.update(patch=4, width=32, depth=2, heads=2)
-    c.train.update(steps=steps, batch_size=8, log_every=2, eval_every=2, eval_batches=1,
-                   ckpt_every=2, sample_every=0, progress=False)
-    c.optim.warmup_steps = 2
-    c.sample.update(steps=4, grid=2)
-    return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One converted tiny phantom dataset shared by the tests of this module."""
-    d = tmp_path_factory.mktemp("data")
-    c = tiny_config()
-    from cxr_rf.data import convert
-    convert.convert_phantom(d, num=c.data.num, resolution=c.data.resolution, seed=0, shards=2)
-    return str(d)
 
 
 def _params(workdir, cfg):
@@ -42,10 +21,14 @@ def _params(workdir, cfg):
     return step, ema
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, data_dir):
-    full = tiny_config(steps=6)
+@pytest.fixture
+def data_dir(phantom_data):
+    return phantom_data(32)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, data_dir, tiny_config):
+    full = tiny_config(32, steps=6)
     full.data.dir = data_dir
-    full.train.eval_every = 0           # not under test here; saves a compile per run
     m_full = train.run(full, tmp_path / "full")
     # Interrupted after step 3 (checkpoint at 2 and 3), then the same command again.
     train.run(full, tmp_path / "part", stop_at=3)
@@ -58,12 +41,12 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_training_reduces_validation_loss(tmp_path, data_dir):
-    c = tiny_config(steps=60)
+def test_training_reduces_validation_loss(tmp_path, data_dir, tiny_config):
+    c = tiny_config(32, steps=60)
     c.data.dir = data_dir
     c.train.update(eval_every=60, log_every=20, ckpt_every=60)
     c.optim.update(lr=2e-3, ema_decay=0.0)
-    first = train.Trainer(c)
+    first = trainer_lib.Trainer(c)
     before = first.evaluate(first.init_state().ema_params, data_dir).mean()
     after = train.run(c, tmp_path / "run")["val_loss"]
     assert after < 0.8 * before, (before, after)
@@ -91,10 +74,15 @@ def test_cli_train_resume_sample(tmp_path):
     assert (wd / "data" / "dataset_info.json").exists()
     assert (wd / "samples" / "step_0000003.png").exists()
     assert list((wd / "tensorboard").iterdir())
+    kept = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
     r = _cli("cxr_rf.train", f"--config={exp}", f"--workdir={wd}", "--config.train.steps=4", *flags)
     assert json.loads(r.stdout.strip().splitlines()[-1])["final"]["loss"] > 0
+    # The rerun resumes (it does not retrain from scratch over the old checkpoints).
+    assert "resuming from step 3" in r.stderr, r.stderr[-2000:]
     steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 4
+    assert steps[-1] == 4 and 3 in steps
+    assert all((wd / "checkpoints" / n).stat().st_mtime_ns == t for n, t in kept.items()
+               if n.isdigit() and (wd / "checkpoints" / n).exists())
 
     out = tmp_path / "samples"
     args = ["cxr_rf.sample", f"--workdir={wd}", "--num=2", "--findings=Cardiomegaly,Pleural Effusion",
@@ -127,12 +115,13 @@ def test_sample_cli_errors_are_one_line(tmp_path, args, needle):
     assert needle in last[-1] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_progressive_resolution_resumes_across_the_stage_boundary(tmp_path, data_dir):
+def test_progressive_resolution_resumes_across_the_stage_boundary(tmp_path, data_dir,
+                                                                  tiny_config):
     """16² then 32²: each stage trains at its resolution with its token-count shift, and a run
     stopped exactly at the boundary resumes into the next stage as if never stopped."""
-    c = tiny_config(steps=5)
+    c = tiny_config(32, steps=5)
     c.data.dir = data_dir
-    c.train.update(eval_every=0, stages=((0, 16), (3, 32)))
+    c.train.update(stages=((0, 16), (3, 32)))
     c.flow.base_tokens = 16             # 16² / patch 4 = 16 tokens -> shift 1; 32² -> 64 -> 2
     m_full = train.run(c, tmp_path / "full")
     m_part = train.run(c, tmp_path / "part", stop_at=3)

@@ -23,7 +23,6 @@ log, not part of the dataset; delete it before sharing a dataset.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import functools
@@ -39,15 +38,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from cxr_rf import cli, errors
 from cxr_rf.data import imaging, schema, sources, worker
 from cxr_rf.data import stats as stats_lib
-from cxr_rf.data.plan import DEFAULT_SHARD_SIZE, SPLIT_FRACTIONS, Plan, Unit, make_plan, patient_split
+from cxr_rf.data.plan import DEFAULT_SHARD_SIZE, Plan, Unit, make_plan
 from cxr_rf.data.sources import Item, Reject, SourceError, SourceOptions
 from cxr_rf.data.stats import format_stats
-from cxr_rf.data.writer import INFO_FILES, NAME_RE, VERSION, DatasetWriter, publish_split, shard_writer, write_info
+from cxr_rf.data.writer import INFO_FILES, NAME_RE, VERSION, publish_split, shard_writer, write_info
 
-__all__ = ["DatasetWriter", "SourceOptions", "SOURCES", "SPLIT_FRACTIONS", "UsageError",
-           "TooManyRejects", "convert", "convert_phantom", "format_stats", "main", "patient_split"]
+# Only what this module defines: import every other name from the module that defines it.
+__all__ = ["UsageError", "TooManyRejects", "convert", "convert_phantom", "main"]
 
 DEFAULT_SALT = sources.DEFAULT_SALT
 DEFAULT_MAX_REJECT_FRACTION = 0.01
@@ -59,11 +59,11 @@ _OWN_FILES = re.compile(r"^([a-z][a-z0-9_]*-[a-z][a-z0-9_]*\.array_record-\d{5}-
                         r"|rejects\.jsonl)$")
 
 
-class UsageError(ValueError):
+class UsageError(errors.UserError):
     """Bad arguments, input or output location, detected before anything is written."""
 
 
-class TooManyRejects(RuntimeError):
+class TooManyRejects(errors.RunError):
     """More inputs were rejected than allowed; ``stats`` holds the summary (nothing published)."""
 
     def __init__(self, message: str, stats: dict[str, Any]):
@@ -297,7 +297,7 @@ def _finish(plan: Plan, out: Path, *, name: str, resolution: int, source: str,
             f"{out / 'rejects.jsonl'}; nothing published (rerun with a higher "
             "--max_reject_fraction to publish)", stats)
     if not stats["total"]["count"]:
-        raise ValueError(f"no image could be converted; see {out / 'rejects.jsonl'}")
+        raise errors.RunError(f"no image could be converted; see {out / 'rejects.jsonl'}")
     infos = [publish_split(out, name, split, [(work / f"{u.name}.array_record", docs[u.name]["records"])
                                               for u in units])
              for split, units in per_split.items() if counts[split]["count"]]
@@ -328,68 +328,59 @@ def convert_phantom(out_dir: str | os.PathLike, *, num: int, resolution: int, se
 
 # ---------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2: no usage dump, no traceback
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def _define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so importing stays side-effect
+    free)."""
+    from absl import flags
+    flags.DEFINE_string("source", None, f"One of: {', '.join(SOURCES)}.")
+    flags.DEFINE_string("output", None, "Output directory (created; must be empty).")
+    flags.DEFINE_string("input", None, "Raw dataset directory (every source but phantom).")
+    flags.DEFINE_integer("resolution", None, "Output side in pixels (a multiple of 8).")
+    flags.DEFINE_integer("workers", 1, "Decoding processes.")
+    flags.DEFINE_float("max_reject_fraction", DEFAULT_MAX_REJECT_FRACTION,
+                       "Fail (exit 1, publish nothing) when more inputs than this are rejected.")
+    flags.DEFINE_enum("fit", "pad", list(imaging.FITS),
+                      "pad (default: keep the whole film, black borders) or crop to a square.")
+    flags.DEFINE_string("labels", None, "dicom_dir: CSV of CheXpert-named label columns keyed "
+                        "by file name or SOPInstanceUID.")
+    flags.DEFINE_integer("num", None, "phantom: number of studies; real sources: optional limit.")
+    flags.DEFINE_integer("seed", 0, "Phantom seed.")
+    flags.DEFINE_integer("shards", None, "ArrayRecord shards per split (default: one per "
+                         f"{DEFAULT_SHARD_SIZE} images).")
+    flags.DEFINE_integer("shard_size", DEFAULT_SHARD_SIZE,
+                         "Images per shard when --shards is not given.")
+    flags.DEFINE_string("salt", DEFAULT_SALT, "Secret salt for hashing patient/study ids.")
+    flags.DEFINE_string("name", "cxr", "TFDS dataset name (file prefix).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset (or discard unfinished "
+                         "work of other settings).")
+    flags.DEFINE_boolean("no-progress", False, "No progress bar.")
+    # The other numbers are checked by convert() itself (_check_args), for library callers too.
+    cli.check_number("seed", 0)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m cxr_rf.data.convert",
-                description="Convert a chest X-ray source into a TFDS ArrayRecord dataset "
-                            "(resumes an interrupted conversion into the same --output).")
-    p.add_argument("--source", required=True, help=f"one of: {', '.join(SOURCES)}")
-    p.add_argument("--output", required=True, help="output directory (created; must be empty)")
-    p.add_argument("--input", default=None, help="raw dataset directory (every source but phantom)")
-    p.add_argument("--resolution", type=int, required=True, help="output side in pixels (multiple of 8)")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
-    p.add_argument("--max_reject_fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION,
-                   help="fail (exit 1, publish nothing) when more inputs than this are rejected")
-    p.add_argument("--fit", choices=imaging.FITS, default="pad",
-                   help="pad (default: keep the whole film, black borders) or crop to a square")
-    p.add_argument("--labels", default=None,
-                   help="dicom_dir: CSV of CheXpert-named label columns keyed by file name or SOPInstanceUID")
-    p.add_argument("--num", type=int, default=None,
-                   help="phantom: number of studies; real sources: optional limit")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
-    p.add_argument("--shards", type=int, default=None,
-                   help=f"ArrayRecord shards per split (default: one per {DEFAULT_SHARD_SIZE} images)")
-    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
-                   help="images per shard when --shards is not given")
-    p.add_argument("--salt", default=DEFAULT_SALT, help="secret salt for hashing patient/study ids")
-    p.add_argument("--name", default="cxr", help="TFDS dataset name (file prefix)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing dataset (or discard unfinished work of other settings)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (2 = bad arguments/input, 1 = conversion failed)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    opts = SourceOptions(input_dir=args.input, num=args.num, resolution=args.resolution,
-                         seed=args.seed, salt=args.salt, labels_csv=args.labels)
+def main(argv: list[str]) -> int:
+    """Convert and print the label marginals. Bad arguments, input or output (UsageError) exit
+    2 and too many rejects (TooManyRejects, after its table) 1, through ``cli.run``."""
+    from absl import flags
+    f = flags.FLAGS
+    cli.no_arguments(argv)
+    cli.require("source", "output", "resolution")
+    opts = SourceOptions(input_dir=f.input, num=f.num, resolution=f.resolution, seed=f.seed,
+                         salt=f.salt, labels_csv=f.labels)
     try:
-        stats = convert(args.source, args.output, opts, shards=args.shards,
-                        shard_size=args.shard_size, workers=args.workers, fit=args.fit,
-                        max_reject_fraction=args.max_reject_fraction, name=args.name,
-                        overwrite=args.overwrite, progress=not args.no_progress)
-    except UsageError as e:
-        parser.error(str(e))
+        stats = convert(f.source, f.output, opts, shards=f.shards, shard_size=f.shard_size,
+                        workers=f.workers, fit=f.fit, max_reject_fraction=f.max_reject_fraction,
+                        name=f.name, overwrite=f.overwrite, progress=not f["no-progress"].value)
     except TooManyRejects as e:
-        print(format_stats(e.stats))
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        print(format_stats(e.stats))   # what was rejected; the error line says why it stops
+        raise
     print(format_stats(stats))
-    print(f"wrote {stats['total']['count']} examples to {Path(args.output).absolute()}")
-    if args.salt == DEFAULT_SALT and args.source != "phantom":
+    print(f"wrote {stats['total']['count']} examples to {Path(f.output).absolute()}")
+    if f.salt == DEFAULT_SALT and f.source != "phantom":
         print("note: ids were hashed with the public default salt; pass --salt SECRET for "
               "data that leaves your site")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, _define_flags)

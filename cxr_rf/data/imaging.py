@@ -10,19 +10,26 @@
   channel silently would hide a wrong file. Compressed transfer syntaxes without an installed
   decoder plugin are rejected with the syntax's name.
 * PNG / JPEG (Pillow): 16-bit kept as is; 8-bit widened x257 (exact: 255 -> 65535); RGB(A)
-  reduced to luminance with the alpha channel dropped.
-* ``fit_square``: aspect-preserving, anti-aliased (Lanczos) resize, then pad or crop to R x R.
+  reduced to luminance with the alpha channel dropped. The same rules decode a file
+  (``read_raster``) and a stored record's PNG bytes (``decode_png``, the inverse of
+  ``encode_png``), so a dataset's pixels never depend on which path read them.
+* ``fit_square``: aspect-preserving, anti-aliased (Lanczos) resize, then pad or crop to R x R;
+  the only resizer, also used by the training pipeline to bring stored images to a stage's
+  resolution.
 
 Every failure an input file can cause surfaces as ``ImageError`` with a one-line reason, so
 the converter can reject the file and go on.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
 import numpy as np
 from PIL import Image
+
+from cxr_rf import errors
 
 FITS = ("pad", "crop")
 MIN_SIDE = 8          # smaller images are not radiographs (icons, thumbnails, broken headers)
@@ -30,7 +37,7 @@ MAX_ASPECT = 4.0      # a chest film is near-square; 1 x 1000 "images" are broke
 _DICOM_EXTS = (".dcm", ".dicom", ".dic")
 
 
-class ImageError(ValueError):
+class ImageError(errors.UserError):
     """An image file that cannot be used; the message is the one-line reject reason."""
 
 
@@ -73,9 +80,29 @@ def _check_shape(image: np.ndarray) -> None:
 # ---------------------------------------------------------------- PNG / JPEG
 
 def read_raster(path: str | os.PathLike) -> np.ndarray:
-    """PNG/JPEG/... -> uint16 [H, W]; 16-bit kept, 8-bit x257, colour -> luminance."""
+    """PNG/JPEG/... file -> uint16 [H, W]; 16-bit kept, 8-bit x257, colour -> luminance."""
+    return _decode_raster(path)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A stored record's PNG bytes -> uint16 [H, W], by the same rules as ``read_raster``."""
+    return _decode_raster(io.BytesIO(data))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint16 [H, W] -> lossless 16-bit grayscale PNG; ``decode_png`` gives back the same array."""
+    image = np.asarray(image)
+    if image.dtype != np.uint16 or image.ndim != 2:
+        raise ValueError(f"encode_png needs uint16 [H, W]; got dtype {image.dtype} shape {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")  # mode I;16
+    return buf.getvalue()
+
+
+def _decode_raster(src) -> np.ndarray:
+    """A path or binary file object -> uint16 [H, W]; every failure is an ImageError."""
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()  # decode now: a truncated file fails here, not later
             return _to_uint16(im)
     except ImageError:
@@ -233,7 +260,8 @@ def fit_square(image: np.ndarray, resolution: int, fit: str = "pad") -> np.ndarr
     cut, so apices and costophrenic angles, where several findings live, stay in the frame.
     "crop" scales the shorter side to R and keeps the centre square (no borders, but the
     edges of a portrait film are lost). Resizing is Lanczos in float ("F" mode), which Pillow
-    anti-aliases when downsampling.
+    anti-aliases when downsampling. A square image is one Lanczos resample to R x R whatever
+    the fit: both scale its whole extent to R, with nothing to pad or cut.
     """
     image = np.asarray(image)
     if image.dtype != np.uint16 or image.ndim != 2 or min(image.shape) == 0:

@@ -32,18 +32,19 @@ from absl import flags as absl_flags
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cxr_rf import errors
 from cxr_rf import conditioning as cond
-from cxr_rf.data import schema
+from cxr_rf.data import imaging, schema
 
 
 def open_source(data_dir: str, split: str):
     """Random-access source of decoded TFDS examples for ``split`` of a converted dataset."""
     if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-        raise FileNotFoundError(f"no converted dataset at {data_dir!r} (dataset_info.json missing); "
+        raise errors.UserError(f"no converted dataset at {data_dir!r} (dataset_info.json missing); "
                                 f"run python -m cxr_rf.data.convert first")
     builder = tfds.builder_from_directory(data_dir)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} not in dataset {data_dir!r}; "
+        raise errors.UserError(f"split {split!r} not in dataset {data_dir!r}; "
                          f"available: {', '.join(builder.info.splits)}")
     return builder.as_data_source(split)
 
@@ -60,9 +61,14 @@ class DecodeExample(grain.transforms.Map):
         image = ex["image"]
         h, w = image.shape
         if h != w:
-            raise ValueError(f"stored image is {h}x{w}, not square; re-convert the dataset")
+            raise errors.UserError(f"stored image is {h}x{w}, not square; re-convert the dataset")
         if h != self.resolution:
-            image = schema.resize_image(image, self.resolution)
+            # A training stage at another resolution than the stored one: one Lanczos resample
+            # of the whole square (pad and crop agree on squares), the converter's filter.
+            # Pillow widens the kernel by the downscale factor, so a lower stage sees the
+            # band-limited image a conversion at that resolution approximates, not the aliasing
+            # of point or bilinear sampling; a higher stage interpolates.
+            image = imaging.fit_square(image, self.resolution, "crop")
         x = image.astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
         tokens = cond.encode(ex["findings"], ex["sex"], ex["age"], ex["race"], ex["view"],
                              ex["source"], ex["report"], self.report_len)
@@ -83,9 +89,9 @@ def _check_dropout(cond_dropout: Mapping[str, float] | None) -> dict[str, float]
     probs = dict(cond_dropout or {})
     for g, p in probs.items():
         if g not in cond.GROUPS:
-            raise ValueError(f"cond_dropout: unknown group {g!r}; valid: {', '.join(cond.GROUPS)}")
+            raise errors.UserError(f"cond_dropout: unknown group {g!r}; valid: {', '.join(cond.GROUPS)}")
         if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"cond_dropout[{g!r}] must be a probability in [0, 1]; got {p}")
+            raise errors.UserError(f"cond_dropout[{g!r}] must be a probability in [0, 1]; got {p}")
     return probs
 
 
@@ -95,7 +101,7 @@ def _source_dataset(data_dir: str, split: str, *, seed: int, shuffle: bool,
     """One converted dataset: this process's records, shuffled per epoch, repeated."""
     source = open_source(data_dir, split)
     if len(source) < process_count:
-        raise ValueError(f"split {split!r} of {data_dir!r} has {len(source)} examples, fewer "
+        raise errors.UserError(f"split {split!r} of {data_dir!r} has {len(source)} examples, fewer "
                          f"than {process_count} processes")
     # Shard first (strided, remainder dropped so every process takes the same number of
     # steps), then shuffle: each epoch is a fresh seeded permutation of this process's slice.
@@ -112,7 +118,7 @@ def parse_mixture(data_dir: str | Sequence[tuple[str, float]]) -> list[tuple[str
         return [(schema.filesystem_path(data_dir, "dataset"), 1.0)]
     pairs = [(schema.filesystem_path(d, "dataset"), float(w)) for d, w in data_dir]
     if not pairs or any(w <= 0 for _, w in pairs):
-        raise ValueError(f"a mixture needs one or more (dir, weight) pairs with weight > 0; "
+        raise errors.UserError(f"a mixture needs one or more (dir, weight) pairs with weight > 0; "
                          f"got {list(data_dir)!r}")
     total = sum(w for _, w in pairs)
     return [(d, w / total) for d, w in pairs]
@@ -138,23 +144,23 @@ def make_loader(data_dir: str | Sequence[tuple[str, float]], split: str, *, glob
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, process_count); "
+        raise errors.UserError(f"process_index must be in [0, process_count); "
                          f"got {process_index} of {process_count}")
     if global_batch <= 0 or global_batch % process_count:
-        raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of "
+        raise errors.UserError(f"global_batch ({global_batch}) must be a positive multiple of "
                          f"process_count ({process_count})")
     if resolution <= 0:
-        raise ValueError(f"resolution must be positive; got {resolution}")
+        raise errors.UserError(f"resolution must be positive; got {resolution}")
     if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 32):
-        raise ValueError(f"seed must be an int in [0, 2**32) (Grain's limit); got {seed!r}")
+        raise errors.UserError(f"seed must be an int in [0, 2**32) (Grain's limit); got {seed!r}")
     if num_epochs is not None and num_epochs <= 0:
-        raise ValueError(f"num_epochs must be positive or None; got {num_epochs}")
+        raise errors.UserError(f"num_epochs must be positive or None; got {num_epochs}")
     if worker_count < 0 or prefetch < 0:
-        raise ValueError(f"worker_count and prefetch must be >= 0; got {worker_count}, {prefetch}")
+        raise errors.UserError(f"worker_count and prefetch must be >= 0; got {worker_count}, {prefetch}")
     probs = _check_dropout(cond_dropout)
     mixture = parse_mixture(data_dir)
     if len(mixture) > 1 and num_epochs is not None:
-        raise ValueError("a mixture is an endless stream: use num_epochs=None")
+        raise errors.UserError("a mixture is an endless stream: use num_epochs=None")
     if worker_count > 0 and not absl_flags.FLAGS.is_parsed():
         # Grain's worker processes read absl flags; a program that never ran absl.app (pytest,
         # an argparse CLI, a notebook) would crash there, so settle for the flag defaults.

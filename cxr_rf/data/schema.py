@@ -2,8 +2,9 @@
 
 A ``Record`` is one radiograph with its harmonised metadata. ``to_bytes``/``from_bytes`` turn
 it into a serialized TFDS example of ``features()``. The image travels as a 16-bit grayscale
-PNG that we encode with PIL: ``tfds.features.Image`` would need TensorFlow to encode, and PNG
-is lossless, compact and readable by any tool.
+PNG encoded and decoded by ``imaging.encode_png``/``decode_png`` (PIL): ``tfds.features.Image``
+would need TensorFlow to encode, and PNG is lossless, compact and readable by any tool.
+Pixels (decoding, resizing) live in ``imaging``; this module is the record format only.
 
 Categorical fields are stored as text, not class indices, so a dataset stays readable if the
 vocabulary in ``cxr_rf.conditioning`` grows or is reordered.
@@ -12,16 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from cxr_rf import errors
 from cxr_rf import conditioning as cond
+from cxr_rf.data import imaging
 
 # Fields stored as UTF-8 text, in a fixed order (also the order of Record's string fields).
 TEXT_FIELDS: tuple[str, ...] = (
@@ -101,7 +102,7 @@ def filesystem_path(path: str | os.PathLike, what: str) -> str:
     """
     path = os.fspath(path)
     if "://" in path:
-        raise ValueError(f"{what} {path} is a URL, but ArrayRecord datasets are read and written "
+        raise errors.UserError(f"{what} {path} is a URL, but ArrayRecord datasets are read and written "
                          f"through filesystem paths: mount the bucket with gcsfuse (e.g. "
                          f"/gcs/BUCKET/...) or copy it to local disk (BUILD_NOTES.md: Cloud paths)")
     return path
@@ -126,60 +127,10 @@ def features() -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(spec)
 
 
-def encode_image(image: np.ndarray) -> bytes:
-    """Lossless 16-bit grayscale PNG of a uint16 [H, W] array."""
-    image = np.asarray(image)
-    if image.dtype != np.uint16 or image.ndim != 2:
-        raise ValueError(f"encode_image needs uint16 [H, W]; got dtype {image.dtype} shape {image.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")  # mode I;16
-    return buf.getvalue()
-
-
-def decode_image(png_bytes: bytes) -> np.ndarray:
-    """PNG bytes -> uint16 [H, W]. 8-bit grayscale is widened (x257) so white stays white."""
-    with Image.open(io.BytesIO(png_bytes)) as im:
-        mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im)
-            # Some Pillow versions open 16-bit PNGs as 32-bit "I"; values still fit in uint16.
-            if arr.dtype != np.uint16:
-                if arr.min() < 0 or arr.max() > 65535:
-                    raise ValueError(f"decode_image: {mode} PNG values outside 0..65535")
-                arr = arr.astype(np.uint16)
-            return arr
-        if mode not in ("L", "LA", "RGB", "RGBA", "P", "1"):
-            raise ValueError(f"decode_image: unsupported PNG mode {mode!r}")
-        return np.asarray(im.convert("L"), np.uint16) * np.uint16(257)
-
-
-def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    """uint16 [H, W] -> uint16 [R, R]: centre-crop to a square, then Lanczos resize.
-
-    Cropping (not squashing) keeps anatomy undistorted. PIL resizes in float ("F" mode)
-    because its 16-bit integer mode does not support every filter; Lanczos in PIL is
-    antialiased, so large downsamples do not alias.
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint16 or image.ndim != 2:
-        raise ValueError(f"resize_image needs uint16 [H, W]; got dtype {image.dtype} shape {image.shape}")
-    if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
-        raise ValueError(f"resolution must be a positive int; got {resolution!r}")
-    h, w = image.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = image[top:top + side, left:left + side]
-    if side == resolution:
-        return np.ascontiguousarray(square)
-    img = Image.fromarray(square.astype(np.float32))  # mode "F"
-    out = np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS))
-    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
-
-
 def to_example(record: Record) -> dict[str, Any]:
     """The feature dict (as ``features()`` expects it) of one record."""
     ex: dict[str, Any] = {
-        "image_png": encode_image(record.image),
+        "image_png": imaging.encode_png(record.image),
         "findings": record.findings,
         "age": np.float32(record.age),
     }
@@ -209,7 +160,7 @@ def from_example(example: Mapping[str, Any], *, decode: bool = True) -> dict[str
         v = example[name]
         out[name] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
     if decode:
-        out["image"] = decode_image(example["image_png"])
+        out["image"] = imaging.decode_png(example["image_png"])
     else:
         out["image_png"] = bytes(example["image_png"])
     return out

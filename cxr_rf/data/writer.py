@@ -21,7 +21,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import dataset_info as tfds_info
 from tensorflow_datasets.core import naming
 
-from cxr_rf.data import schema, stats as stats_lib
+from cxr_rf.data import imaging, schema, stats as stats_lib
 from cxr_rf.data.schema import Record
 
 VERSION = "1.0.0"
@@ -125,7 +125,7 @@ class DatasetWriter:
         return self._tmp / f"{split}.shard{i:05d}.tmp"
 
     def add(self, split: str, record: Record) -> None:
-        """Append one record to ``split`` (centre-cropped and resized to resolution if needed)."""
+        """Append one record to ``split`` (fitted to resolution as ``--fit crop`` does, if needed)."""
         if not self._open:
             raise ValueError("DatasetWriter is closed")
         if not NAME_RE.match(split):
@@ -133,8 +133,10 @@ class DatasetWriter:
         if not isinstance(record, Record):
             raise ValueError(f"DatasetWriter.add needs a schema.Record; got {type(record).__name__}")
         if record.image.shape != (self.resolution, self.resolution):
+            # Crop, as this writer always did (no borders); the converter's resizer, so a
+            # dataset written here has the pixels ``convert --fit crop`` would give.
             record = dataclasses.replace(
-                record, image=schema.resize_image(record.image, self.resolution))
+                record, image=imaging.fit_square(record.image, self.resolution, "crop"))
         if split not in self._writers:
             self._writers[split] = [shard_writer(self._tmp_shard(split, i))
                                     for i in range(self.num_shards)]

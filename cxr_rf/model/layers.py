@@ -2,22 +2,26 @@
 
 Logical axis names
 ------------------
-Every parameter is created through ``nn.with_logical_partitioning`` and the main activations
-pass through ``constrain`` (``sharding.constrain``); ``cxr_rf/sharding.py`` maps these names to mesh
-axes. Names not listed in its rules are replicated (flax's default for unmatched names).
+Weights and activations have separate names (as in MaxText), so a sharding rule for one never
+moves the other. Every parameter is created through ``nn.with_logical_partitioning``; the main
+activations pass through ``sharding.constrain``. ``sharding.RULES`` maps every name below to
+mesh axes (``tests/test_sharding.py`` fails on a name without a rule). Shape letters: see the
+legend in ``mmdit.py``.
 
-    batch    examples in a batch                                    (activations)
-    length   token positions, image and context                     (activations)
-    embed    the model width D                                      (params + activations)
-    mlp      MLP hidden, adaLN modulation outputs, small-MLP hidden (params + activations)
-    heads    attention heads                                         (params + activations)
-    kv       per-head feature dim D/heads                            (params + activations)
-    vocab    context-token vocabulary                                (embedding table)
+Weights:
+    embed    the model width D (FSDP shards weights here)
+    mlp      MLP hidden M, adaLN modulation outputs X, small-MLP hidden
+    heads    attention heads N
+    kv       per-head feature dim K
+    vocab    context-token vocabulary V                      (embedding table)
     layers   leading axis of scanned block params (added by nn.scan)
-    patch    pixel features of one patch, p*p*C                      (patch in/out projections)
-    freq     sinusoidal timestep features (FREQ_DIM)                 (timestep MLP input)
-    ctx      context positions of the learned position table         (kept apart from "length"
-             so sequence sharding rules never try to split a 19-row table)
+    patch    pixel features of one patch P                   (patch in/out projections)
+    freq     sinusoidal timestep features F                  (timestep MLP input)
+    ctx      rows of the learned context position table L
+Activations:
+    activation_batch    B        activation_length   T, S (image, context or joint tokens)
+    activation_embed    D        activation_mlp      M
+    activation_heads    N        activation_kv       K
 
 Remat policies (``cfg.model.remat``)
 -----------------------------------
@@ -51,6 +55,10 @@ ATTN_OUT = "attn_out"  # checkpoint_name of the joint-attention output (see "sav
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn")
 POS_EMBEDS = ("sincos", "rope")
 
+# Logical names of the activations this file constrains.
+_EMB_BTD = ("activation_batch", "activation_length", "activation_embed")
+_MLP_BTM = ("activation_batch", "activation_length", "activation_mlp")
+
 xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 
@@ -67,11 +75,6 @@ def remat_policy(name: str) -> Callable[..., bool] | None:
     if name not in policies:
         raise ValueError(f"unknown remat policy {name!r}; allowed: {', '.join(REMAT_POLICIES)}")
     return policies[name]
-
-
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Logical sharding constraint (a no-op outside ``sharding.use``)."""
-    return sharding.constrain(x, names)
 
 
 def dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
@@ -125,7 +128,8 @@ class RMSNorm(nn.Module):
         # Statistics in float32: the mean of squares underflows/overflows easily in bf16.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+        scale_1K = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (x32 * scale_1K).astype(self.dtype)
 
 
 class Mlp(nn.Module):
@@ -135,12 +139,12 @@ class Mlp(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BND: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h_BNM = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x_BND)
-        h_BNM = constrain(nn.gelu(h_BNM, approximate=True), ("batch", "length", "mlp"))
-        out_BND = dense(x_BND.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h_BNM)
-        return constrain(out_BND, ("batch", "length", "embed"))
+        h_BTM = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x_BTD)
+        h_BTM = sharding.constrain(nn.gelu(h_BTM, approximate=True), _MLP_BTM)
+        out_BTD = dense(x_BTD.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h_BTM)
+        return sharding.constrain(out_BTD, _EMB_BTD)
 
 
 class Modulation(nn.Module):
@@ -161,12 +165,12 @@ class Modulation(nn.Module):
         return tuple(jnp.split(m_BX[:, None, :], self.n, axis=-1))
 
 
-def modulate(x_BND: jax.Array, shift_B1D: jax.Array, scale_B1D: jax.Array) -> jax.Array:
+def modulate(x_BTD: jax.Array, shift_B1D: jax.Array, scale_B1D: jax.Array) -> jax.Array:
     """adaLN: x * (1 + scale) + shift."""
-    return x_BND * (1 + scale_B1D) + shift_B1D
+    return x_BTD * (1 + scale_B1D) + shift_B1D
 
 
-def joint_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array) -> jax.Array:
+def joint_attention(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array) -> jax.Array:
     """One softmax attention of queries over the joint [image; context] keys.
 
     Logits accumulate and the softmax runs in float32 for any input dtype. On GPU,
@@ -176,16 +180,16 @@ def joint_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array) -> 
     The output is named ``attn_out`` for the "save_attn" remat policy.
     """
     if jax.default_backend() == "gpu":
-        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, implementation=None)
+        out_BTNK = jax.nn.dot_product_attention(q_BTNK, k_BSNK, v_BSNK, implementation=None)
     else:
-        scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
-        q_BHTK = jnp.swapaxes(q_BTHK, 1, 2)
-        k_BHKS = jnp.transpose(k_BSHK, (0, 2, 3, 1))
-        v_BHSK = jnp.swapaxes(v_BSHK, 1, 2)
-        logits_BHTS = jnp.matmul(q_BHTK, k_BHKS, preferred_element_type=jnp.float32) * scale
-        probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
-        out_BTHK = jnp.swapaxes(jnp.matmul(probs_BHTS, v_BHSK), 1, 2)
-    return checkpoint_name(out_BTHK, ATTN_OUT)
+        scale = 1.0 / math.sqrt(q_BTNK.shape[-1])
+        q_BNTK = jnp.swapaxes(q_BTNK, 1, 2)
+        k_BNKS = jnp.transpose(k_BSNK, (0, 2, 3, 1))
+        v_BNSK = jnp.swapaxes(v_BSNK, 1, 2)
+        logits_BNTS = jnp.matmul(q_BNTK, k_BNKS, preferred_element_type=jnp.float32) * scale
+        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNK.dtype)
+        out_BTNK = jnp.swapaxes(jnp.matmul(probs_BNTS, v_BNSK), 1, 2)
+    return checkpoint_name(out_BTNK, ATTN_OUT)
 
 
 def timestep_sinusoid(t_B: jax.Array, dim: int = FREQ_DIM, max_period: float = 10_000.0
@@ -234,7 +238,7 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
 
 def rope_2d(h: int, w: int, head_dim: int, theta: float = 10_000.0
             ) -> tuple[np.ndarray, np.ndarray]:
-    """2D axial rotary tables (cos, sin), each [h*w, head_dim].
+    """2D axial rotary tables (cos_IK, sin_IK), each [h*w, head_dim].
 
     The first half of each head's features rotates with the row index, the second half with
     the column index; within each half the usual rotate-half pairing (i, i + quarter) is used.
@@ -244,21 +248,21 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float = 10_000.0
     quarter = head_dim // 4
     inv_freq = 1.0 / theta ** (np.arange(quarter, dtype=np.float64) / quarter)
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    ang_r = np.outer(rows.reshape(-1), inv_freq)  # [N, quarter]
+    ang_r = np.outer(rows.reshape(-1), inv_freq)  # [I, K/4]
     ang_c = np.outer(cols.reshape(-1), inv_freq)
-    ang = np.concatenate([ang_r, ang_r, ang_c, ang_c], axis=1)  # [N, head_dim]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    ang_IK = np.concatenate([ang_r, ang_r, ang_c, ang_c], axis=1)
+    return np.cos(ang_IK).astype(np.float32), np.sin(ang_IK).astype(np.float32)
 
 
-def apply_rope(x_BNHK: jax.Array, cos_NK: jax.Array, sin_NK: jax.Array) -> jax.Array:
+def apply_rope(x_BINK: jax.Array, cos_IK: jax.Array, sin_IK: jax.Array) -> jax.Array:
     """Rotate q or k of image tokens by the 2D axial tables (float32 math, input dtype out)."""
-    x32 = x_BNHK.astype(jnp.float32)
+    x32 = x_BINK.astype(jnp.float32)
     # rotate-half within each axis half: [a, b | c, d] -> [-b, a | -d, c]
     a, b, c, d = jnp.split(x32, 4, axis=-1)
     rot = jnp.concatenate([-b, a, -d, c], axis=-1)
-    cos = cos_NK[None, :, None, :]
-    sin = sin_NK[None, :, None, :]
-    return (x32 * cos + rot * sin).astype(x_BNHK.dtype)
+    cos = cos_IK[None, :, None, :]
+    sin = sin_IK[None, :, None, :]
+    return (x32 * cos + rot * sin).astype(x_BINK.dtype)
 
 
 def patchify(x_BHWC: jax.Array, p: int) -> jax.Array:
@@ -268,8 +272,8 @@ def patchify(x_BHWC: jax.Array, p: int) -> jax.Array:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(tok_BNP: jax.Array, h: int, w: int, p: int, c: int) -> jax.Array:
+def unpatchify(tok_BIP: jax.Array, h: int, w: int, p: int, c: int) -> jax.Array:
     """Inverse of ``patchify``: [B, (h/p)(w/p), p*p*c] -> [B, h, w, c]."""
-    b = tok_BNP.shape[0]
-    x = tok_BNP.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    b = tok_BIP.shape[0]
+    x = tok_BIP.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)

@@ -6,11 +6,23 @@
          (depth-1) × MMDiTBlock  (nn.scan or loop; optional remat)   adaLN-Zero from c
          1 × MMDiTBlock(context_pre_only)  context only feeds k, v
                                           ▼
-         final adaLN + LayerNorm + zero-init Dense(p*p*C) ─unpatchify─> v_BHWC (float32)
+         final adaLN + LayerNorm + zero-init Dense(p*p*C) ─unpatchify─> out_BHWC (float32)
 
 Each block keeps separate weights per stream (image x, context ctx) and runs one joint
 attention over [x; ctx]. The analytic ``param_count`` and ``flops_per_image`` below mirror the
 modules term by term; tests check the first against the real parameter tree.
+
+Shape suffixes (the legend; every letter has one meaning in the whole package):
+
+    B  batch (images)                  H, W  image height, width in pixels
+    C  image channels                  P     pixel features of one patch, p·p·C
+    I  image tokens, (H/p)·(W/p)       L     context tokens, NUM_STRUCTURED + report_len
+    T  token positions of a stream or of the queries (I, L; I + L in joint attention, I in
+       the last block)
+    S  key/value positions, I + L      D     model width
+    N  attention heads                 K     head dim, D/N
+    M  MLP hidden, mlp_ratio·D         F     sinusoidal timestep features (FREQ_DIM)
+    V  context-token vocabulary        X     adaLN modulation outputs, n·D
 """
 from __future__ import annotations
 
@@ -21,34 +33,39 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxr_rf import conditioning
-from cxr_rf.model import layers as L
+from cxr_rf import conditioning, errors, sharding
+from cxr_rf.model import layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the model needs, as plain hashable values (a valid flax Module field)."""
-    patch: int = 4
-    width: int = 64
-    depth: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    in_channels: int = 1
-    qk_norm: bool = True
-    pos_embed: str = "sincos"
-    scan: bool = True
-    remat: str = "none"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    report_len: int = 0
-    vocab_size: int = dataclasses.field(default_factory=conditioning.vocab_size)
+    """Everything the model needs, as plain hashable values (a valid flax Module field).
+
+    ``ModelConfig(**cfg.model, report_len=cfg.data.report_len)`` is the one path from an
+    experiment config (``from_config``); each field is a ``cfg.model`` key of the same name,
+    validated in ``__post_init__``.
+    """
+    patch: int = 4               # p: pixels per patch side
+    width: int = 64              # D
+    depth: int = 2               # blocks (the last one context_pre_only)
+    heads: int = 2               # N; head dim K = D/N
+    mlp_ratio: float = 4.0       # M = mlp_ratio·D
+    in_channels: int = 1         # C
+    qk_norm: bool = True         # RMSNorm on q and k (SD3)
+    pos_embed: str = "sincos"    # "sincos" (2D, added) or "rope" (2D axial rotary on q, k)
     rope_theta: float = 10_000.0
+    scan: bool = True            # nn.scan over the depth-1 regular blocks
+    remat: str = "none"          # see layers.REMAT_POLICIES
+    dtype: str = "float32"       # compute dtype
+    param_dtype: str = "float32"
+    report_len: int = 0          # report bytes in the context (L = NUM_STRUCTURED + report_len)
+    vocab_size: int = dataclasses.field(default_factory=conditioning.vocab_size)   # V
 
     def __post_init__(self):
         def bad(msg):
-            raise ValueError(f"model config: {msg}")
+            raise errors.UserError(f"model config: {msg}")
         for name in ("patch", "width", "depth", "heads", "in_channels", "vocab_size"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -56,31 +73,31 @@ class ModelConfig:
             bad(f"report_len must be >= 0, got {self.report_len}")
         if self.width % self.heads:
             bad(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.mlp_ratio <= 0 or self.mlp_dim < 1:
+        if not self.mlp_ratio > 0 or self.mlp_dim < 1:
             bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.pos_embed not in L.POS_EMBEDS:
-            bad(f"unknown pos_embed {self.pos_embed!r}; allowed: {', '.join(L.POS_EMBEDS)}")
+        if self.pos_embed not in layers.POS_EMBEDS:
+            bad(f"unknown pos_embed {self.pos_embed!r}; allowed: {', '.join(layers.POS_EMBEDS)}")
         if self.pos_embed == "sincos" and self.width % 4:
             bad(f"pos_embed 'sincos' needs width divisible by 4, got {self.width}")
         if self.pos_embed == "rope" and self.head_dim % 4:
             bad(f"pos_embed 'rope' needs head_dim = width/heads divisible by 4, got {self.head_dim}")
-        if self.remat not in L.REMAT_POLICIES:
-            bad(f"unknown remat policy {self.remat!r}; allowed: {', '.join(L.REMAT_POLICIES)}")
+        if not self.rope_theta > 1:
+            bad(f"rope_theta must be > 1, got {self.rope_theta}")
+        if self.remat not in layers.REMAT_POLICIES:
+            bad(f"unknown remat policy {self.remat!r}; allowed: {', '.join(layers.REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 bad(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(DTYPES)}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelConfig":
-        """Read ``cfg.model.*`` and ``cfg.data.report_len`` of the full experiment config."""
-        m = cfg.model
-        return cls(patch=int(m.patch), width=int(m.width), depth=int(m.depth),
-                   heads=int(m.heads), mlp_ratio=float(m.mlp_ratio),
-                   in_channels=int(m.in_channels), qk_norm=bool(m.qk_norm),
-                   pos_embed=str(m.pos_embed), scan=bool(m.scan), remat=str(m.remat),
-                   dtype=str(m.dtype), param_dtype=str(m.param_dtype),
-                   report_len=int(cfg.data.get("report_len", 0)),
-                   vocab_size=conditioning.vocab_size())
+        """The model of a full experiment config: ``cfg.model`` plus ``cfg.data.report_len``."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"report_len", "vocab_size"}
+        unknown = sorted(set(cfg.model.keys()) - fields)
+        if unknown:
+            raise errors.UserError(f"unknown model config key(s) {unknown}; allowed: "
+                                   f"{', '.join(sorted(fields))}")
+        return cls(**cfg.model, report_len=int(cfg.data.get("report_len", 0)))
 
     @property
     def head_dim(self) -> int:
@@ -104,17 +121,22 @@ class ModelConfig:
         return DTYPES[self.param_dtype]
 
     def check_resolution(self, height: int, width: int | None = None) -> None:
-        """ValueError unless the image size is a positive multiple of the patch."""
+        """UserError unless the image size is a positive multiple of the patch."""
         for side in (height, height if width is None else width):
             if side < 1 or side % self.patch:
-                raise ValueError(f"resolution {side} is not a positive multiple of patch "
-                                 f"{self.patch}")
+                raise errors.UserError(f"resolution {side} is not a positive multiple of patch "
+                                       f"{self.patch}")
+
+
+# Logical names of the activations (sharding.RULES places them; weights have their own names).
+_SEQ_BTNK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+_EMB_BID = ("activation_batch", "activation_length", "activation_embed")
 
 
 class MMDiTBlock(nn.Module):
     """One SD3 MMDiT block; ``context_pre_only`` makes the context stream only feed k, v.
 
-    Signature fits nn.scan: ``((x_BND, ctx_BLD), c_BD, rope) -> ((x_BND, ctx_BLD), None)``;
+    Signature fits nn.scan: ``((x_BID, ctx_BLD), c_BD, rope) -> ((x_BID, ctx_BLD), None)``;
     a context_pre_only block returns the context unchanged.
     """
     cfg: ModelConfig
@@ -122,56 +144,65 @@ class MMDiTBlock(nn.Module):
 
     @nn.compact
     def __call__(self, carry, c_BD, rope):
-        x_BND, ctx_BLD = carry
-        cfg, n_img = self.cfg, carry[0].shape[1]
-        D, H, K = cfg.width, cfg.heads, cfg.head_dim
+        x_BID, ctx_BLD = carry
+        cfg, n_img = self.cfg, x_BID.shape[1]
+        D, N, K = cfg.width, cfg.heads, cfg.head_dim
         dt = cfg.compute_dtype
         kw = dict(dtype=dt, param_dtype=cfg.params_dtype)
-        seq = ("batch", "length", "heads", "kv")
+        seq = _SEQ_BTNK
 
-        x_mod = L.Modulation(6, D, name="x_mod", **kw)(c_BD)
-        ctx_mod = L.Modulation(2 if self.context_pre_only else 6, D, name="ctx_mod", **kw)(c_BD)
-        hx_BND = L.modulate(L.layer_norm(dt)(x_BND), x_mod[0], x_mod[1])
-        hc_BLD = L.modulate(L.layer_norm(dt)(ctx_BLD), ctx_mod[0], ctx_mod[1])
+        # adaLN-Zero: per stream, shift/scale/gate for attention (msa) and for the MLP.
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = layers.Modulation(6, D, name="x_mod", **kw)(c_BD)
+        if self.context_pre_only:
+            c_shift_msa, c_scale_msa = layers.Modulation(2, D, name="ctx_mod", **kw)(c_BD)
+        else:
+            (c_shift_msa, c_scale_msa, c_gate_msa,
+             c_shift_mlp, c_scale_mlp, c_gate_mlp) = layers.Modulation(
+                6, D, name="ctx_mod", **kw)(c_BD)
+        hx_BID = layers.modulate(layers.layer_norm(dt)(x_BID), shift_msa, scale_msa)
+        hc_BLD = layers.modulate(layers.layer_norm(dt)(ctx_BLD), c_shift_msa, c_scale_msa)
 
         def qk(h, stream, which):
-            y = L.heads_proj(H, K, name=f"{stream}_{which}", **kw)(h)
+            y = layers.heads_proj(N, K, name=f"{stream}_{which}", **kw)(h)
             if cfg.qk_norm:
-                y = L.RMSNorm(name=f"{stream}_{which}_norm", **kw)(y)
+                y = layers.RMSNorm(name=f"{stream}_{which}_norm", **kw)(y)
             return y
 
-        qx, kx = qk(hx_BND, "x", "q"), qk(hx_BND, "x", "k")
-        vx = L.heads_proj(H, K, name="x_v", **kw)(hx_BND)
+        qx_BINK, kx_BINK = qk(hx_BID, "x", "q"), qk(hx_BID, "x", "k")
+        vx_BINK = layers.heads_proj(N, K, name="x_v", **kw)(hx_BID)
         if rope is not None:  # 2D axial rotary on image tokens only; context is unrotated
-            qx, kx = L.apply_rope(qx, *rope), L.apply_rope(kx, *rope)
-        kc = qk(hc_BLD, "ctx", "k")
-        vc = L.heads_proj(H, K, name="ctx_v", **kw)(hc_BLD)
-        k_BSHK = L.constrain(jnp.concatenate([kx, kc], axis=1), seq)
-        v_BSHK = L.constrain(jnp.concatenate([vx, vc], axis=1), seq)
+            qx_BINK, kx_BINK = layers.apply_rope(qx_BINK, *rope), layers.apply_rope(kx_BINK, *rope)
+        kc_BLNK = qk(hc_BLD, "ctx", "k")
+        vc_BLNK = layers.heads_proj(N, K, name="ctx_v", **kw)(hc_BLD)
+        k_BSNK = sharding.constrain(jnp.concatenate([kx_BINK, kc_BLNK], axis=1), seq)
+        v_BSNK = sharding.constrain(jnp.concatenate([vx_BINK, vc_BLNK], axis=1), seq)
         if self.context_pre_only:
             # Context outputs would be discarded, so only image queries attend.
-            q_BTHK = qx
+            q_BTNK = qx_BINK
         else:
-            q_BTHK = jnp.concatenate([qx, qk(hc_BLD, "ctx", "q")], axis=1)
-        o_BTHK = L.constrain(L.joint_attention(L.constrain(q_BTHK, seq), k_BSHK, v_BSHK), seq)
+            q_BTNK = jnp.concatenate([qx_BINK, qk(hc_BLD, "ctx", "q")], axis=1)
+        o_BTNK = sharding.constrain(
+            layers.joint_attention(sharding.constrain(q_BTNK, seq), k_BSNK, v_BSNK), seq)
 
-        x_BND = x_BND + x_mod[2] * L.out_proj(D, name="x_out", **kw)(o_BTHK[:, :n_img])
-        x_BND = x_BND + x_mod[5] * L.Mlp(cfg.mlp_dim, name="x_mlp", **kw)(
-            L.modulate(L.layer_norm(dt)(x_BND), x_mod[3], x_mod[4]))
-        x_BND = L.constrain(x_BND, ("batch", "length", "embed"))
+        x_BID = x_BID + gate_msa * layers.out_proj(D, name="x_out", **kw)(o_BTNK[:, :n_img])
+        x_BID = x_BID + gate_mlp * layers.Mlp(cfg.mlp_dim, name="x_mlp", **kw)(
+            layers.modulate(layers.layer_norm(dt)(x_BID), shift_mlp, scale_mlp))
+        x_BID = sharding.constrain(x_BID, _EMB_BID)
         if not self.context_pre_only:
-            ctx_BLD = ctx_BLD + ctx_mod[2] * L.out_proj(D, name="ctx_out", **kw)(o_BTHK[:, n_img:])
-            ctx_BLD = ctx_BLD + ctx_mod[5] * L.Mlp(cfg.mlp_dim, name="ctx_mlp", **kw)(
-                L.modulate(L.layer_norm(dt)(ctx_BLD), ctx_mod[3], ctx_mod[4]))
-            ctx_BLD = L.constrain(ctx_BLD, ("batch", "length", "embed"))
-        return (x_BND, ctx_BLD), None
+            ctx_BLD = ctx_BLD + c_gate_msa * layers.out_proj(D, name="ctx_out", **kw)(
+                o_BTNK[:, n_img:])
+            ctx_BLD = ctx_BLD + c_gate_mlp * layers.Mlp(cfg.mlp_dim, name="ctx_mlp", **kw)(
+                layers.modulate(layers.layer_norm(dt)(ctx_BLD), c_shift_mlp, c_scale_mlp))
+            ctx_BLD = sharding.constrain(ctx_BLD, _EMB_BID)
+        return (x_BID, ctx_BLD), None
 
 
 def _block_class(cfg: ModelConfig, prevent_cse: bool):
     """MMDiTBlock, wrapped in nn.remat with the named policy unless remat == "none"."""
     if cfg.remat == "none":
         return MMDiTBlock
-    return nn.remat(MMDiTBlock, policy=L.remat_policy(cfg.remat), prevent_cse=prevent_cse)
+    return nn.remat(MMDiTBlock, policy=layers.remat_policy(cfg.remat), prevent_cse=prevent_cse)
 
 
 class MMDiT(nn.Module):
@@ -184,24 +215,24 @@ class MMDiT(nn.Module):
         b, height, width, chans = x_BHWC.shape
         cfg.check_resolution(height, width)
         if chans != cfg.in_channels:
-            raise ValueError(f"input has {chans} channels, model expects {cfg.in_channels}")
+            raise errors.UserError(f"input has {chans} channels, model expects {cfg.in_channels}")
         if tokens_BL.shape != (b, cfg.ctx_len):
-            raise ValueError(f"tokens shape {tokens_BL.shape} != (batch, ctx_len) = "
-                             f"{(b, cfg.ctx_len)} (report_len {cfg.report_len})")
+            raise errors.UserError(f"tokens shape {tokens_BL.shape} != (batch, ctx_len) = "
+                                   f"{(b, cfg.ctx_len)} (report_len {cfg.report_len})")
         p, D, dt = cfg.patch, cfg.width, cfg.compute_dtype
         gh, gw = height // p, width // p
         kw = dict(dtype=dt, param_dtype=cfg.params_dtype)
-        emb = ("batch", "length", "embed")
 
         # Image stream.
-        x_BND = L.dense(D, ("patch", "embed"), name="x_embed", **kw)(
-            L.patchify(x_BHWC.astype(dt), p))
+        x_BID = layers.dense(D, ("patch", "embed"), name="x_embed", **kw)(
+            layers.patchify(x_BHWC.astype(dt), p))
         rope = None
         if cfg.pos_embed == "sincos":
-            x_BND = x_BND + jnp.asarray(L.sincos_2d(gh, gw, D), dt)[None]
+            x_BID = x_BID + jnp.asarray(layers.sincos_2d(gh, gw, D), dt)[None]
         else:
-            rope = tuple(jnp.asarray(a) for a in L.rope_2d(gh, gw, cfg.head_dim, cfg.rope_theta))
-        x_BND = L.constrain(x_BND, emb)
+            rope = tuple(jnp.asarray(a)
+                         for a in layers.rope_2d(gh, gw, cfg.head_dim, cfg.rope_theta))
+        x_BID = sharding.constrain(x_BID, _EMB_BID)
 
         # Context stream: shared token table + learned positions; each std 1/sqrt(2) so the
         # sum starts at unit scale.
@@ -211,17 +242,17 @@ class MMDiT(nn.Module):
                            **kw)(tokens_BL)
         pos_LD = self.param("ctx_pos", nn.with_logical_partitioning(init, ("ctx", "embed")),
                             (cfg.ctx_len, D), cfg.params_dtype)
-        ctx_BLD = L.constrain(tok_BLD + pos_LD.astype(dt)[None], emb)
+        ctx_BLD = sharding.constrain(tok_BLD + pos_LD.astype(dt)[None], _EMB_BID)
 
         # adaLN input: timestep embedding + pooled structured metadata (not report bytes).
         pooled_BD = jnp.mean(tok_BLD[:, :conditioning.NUM_STRUCTURED].astype(jnp.float32),
                              axis=1).astype(dt)
-        pooled_BD = L.dense(D, ("embed", "mlp"), name="pool_fc1", **kw)(pooled_BD)
-        pooled_BD = L.dense(D, ("mlp", "embed"), name="pool_fc2", **kw)(nn.silu(pooled_BD))
-        c_BD = L.TimestepEmbedder(D, name="t_embed", **kw)(t_B) + pooled_BD
-        c_BD = L.constrain(c_BD, ("batch", "embed"))
+        pooled_BD = layers.dense(D, ("embed", "mlp"), name="pool_fc1", **kw)(pooled_BD)
+        pooled_BD = layers.dense(D, ("mlp", "embed"), name="pool_fc2", **kw)(nn.silu(pooled_BD))
+        c_BD = layers.TimestepEmbedder(D, name="t_embed", **kw)(t_B) + pooled_BD
+        c_BD = sharding.constrain(c_BD, ("activation_batch", "activation_embed"))
 
-        carry = (x_BND, ctx_BLD)
+        carry = (x_BID, ctx_BLD)
         if cfg.depth > 1:
             if cfg.scan:
                 blocks = nn.scan(_block_class(cfg, prevent_cse=False),
@@ -233,31 +264,27 @@ class MMDiT(nn.Module):
                 block_cls = _block_class(cfg, prevent_cse=True)
                 for i in range(cfg.depth - 1):
                     carry, _ = block_cls(cfg, name=f"blocks_{i}")(carry, c_BD, rope)
-        (x_BND, _), _ = _block_class(cfg, prevent_cse=True)(
+        (x_BID, _), _ = _block_class(cfg, prevent_cse=True)(
             cfg, context_pre_only=True, name="last_block")(carry, c_BD, rope)
 
         # Final layer: zero-init projection, so the untrained model outputs exactly zero.
-        shift, scale = L.Modulation(2, D, name="final_mod", **kw)(c_BD)
-        x_BND = L.modulate(L.layer_norm(dt)(x_BND), shift, scale)
-        out_BNP = L.dense(p * p * cfg.in_channels, ("embed", "patch"), zero=True,
-                          name="final_proj", **kw)(x_BND)
-        return L.unpatchify(out_BNP, height, width, p, cfg.in_channels).astype(jnp.float32)
+        shift, scale = layers.Modulation(2, D, name="final_mod", **kw)(c_BD)
+        x_BID = layers.modulate(layers.layer_norm(dt)(x_BID), shift, scale)
+        out_BIP = layers.dense(p * p * cfg.in_channels, ("embed", "patch"), zero=True,
+                               name="final_proj", **kw)(x_BID)
+        return layers.unpatchify(out_BIP, height, width, p, cfg.in_channels).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------
 # Analytic size and cost. Kept next to the modules they mirror; tests pin them to the real tree.
 # --------------------------------------------------------------------------------------------
 
-def param_count(mcfg: ModelConfig, resolution: int | None = None) -> int:
-    """Exact number of parameters, closed form (no model is built).
-
-    ``resolution`` is accepted for symmetry with ``flops_per_image`` and ignored: no parameter
-    depends on it (positions are sin-cos or rotary, computed per call).
-    """
-    del resolution
+def param_count(mcfg: ModelConfig) -> int:
+    """Exact number of parameters, closed form (no model is built). No parameter depends on
+    the resolution (positions are sin-cos or rotary, computed per call)."""
     D, M, K = mcfg.width, mcfg.mlp_dim, mcfg.head_dim
     P = mcfg.patch ** 2 * mcfg.in_channels      # pixel features per patch
-    V, Lc, F = mcfg.vocab_size, mcfg.ctx_len, L.FREQ_DIM
+    V, L, F = mcfg.vocab_size, mcfg.ctx_len, layers.FREQ_DIM
     qk = 2 * K if mcfg.qk_norm else 0            # RMSNorm scales for q and k (one per stream)
     k_only = K if mcfg.qk_norm else 0            # context_pre_only: k norm only
     # One full stream of a regular block.
@@ -272,7 +299,7 @@ def param_count(mcfg: ModelConfig, resolution: int | None = None) -> int:
             + 2 * (D * D + D)                    # context k, v (no q, no out proj, no MLP)
             + k_only)
     embed = ((P * D + D)                         # patch embedding
-             + V * D + Lc * D                    # context token table + learned positions
+             + V * D + L * D                     # context token table + learned positions
              + (D * D + D) * 2                   # pooled-conditioning MLP
              + (F * D + D) + (D * D + D))        # timestep MLP
     final = (2 * D * D + 2 * D) + (D * P + P)    # final modulation + zero-init projection
@@ -295,25 +322,25 @@ def flops_per_image(mcfg: ModelConfig, resolution: int) -> float:
     """Analytic forward FLOPs for one image at ``resolution``² (2 × multiply-adds of matmuls).
 
     Counts every Dense/einsum including attention scores (QKᵀ) and AV over the joint sequence
-    S = N + L; ignores norms, activations, rotary and softmax (elementwise, < 1%). A training
+    S = I + L; ignores norms, activations, rotary and softmax (elementwise, < 1%). A training
     step costs ~3× this (forward + backward ≈ 2× forward), plus one more forward of the
     rematerialised blocks with remat "full" (~4×); "dots"/"save_attn" recompute less.
     """
     mcfg.check_resolution(resolution)
     D, M, p, C = mcfg.width, mcfg.mlp_dim, mcfg.patch, mcfg.in_channels
-    N = (resolution // p) ** 2
-    Lc, F, P = mcfg.ctx_len, L.FREQ_DIM, p * p * C
-    S = N + Lc
+    I = (resolution // p) ** 2                   # image tokens
+    L, F, P = mcfg.ctx_len, layers.FREQ_DIM, p * p * C
+    S = I + L
     per_tok = 3 * D * D + D * D + 2 * D * M      # qkv + out proj + MLP multiply-adds per token
     block = (S * per_tok                         # both streams, all tokens
              + 2 * S * S * D                     # scores + AV (summed over heads: H·K = D)
              + 2 * 6 * D * D)                    # two modulation Denses (once per image)
-    last = (N * per_tok                          # image stream
-            + Lc * 2 * D * D                     # context k, v only
-            + 2 * N * S * D                      # image queries over joint keys
+    last = (I * per_tok                          # image stream
+            + L * 2 * D * D                      # context k, v only
+            + 2 * I * S * D                      # image queries over joint keys
             + (6 + 2) * D * D)                   # modulations
-    embed = N * P * D + (F * D + D * D) + 2 * D * D
-    final = 2 * D * D + N * D * P
+    embed = I * P * D + (F * D + D * D) + 2 * D * D
+    final = 2 * D * D + I * D * P
     macs = (mcfg.depth - 1) * block + last + embed + final
     return 2.0 * macs
 
@@ -324,7 +351,8 @@ def build_model(cfg: Any) -> MMDiT:
     return MMDiT(mcfg)
 
 
-def _dummy_inputs(mcfg: ModelConfig, resolution: int, batch: int):
+def example_inputs(mcfg: ModelConfig, resolution: int, batch: int = 1):
+    """Zero (x_BHWC, t_B, tokens_BL) of the right shapes and dtypes: what ``init`` traces."""
     mcfg.check_resolution(resolution)
     return (jnp.zeros((batch, resolution, resolution, mcfg.in_channels), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
@@ -337,7 +365,7 @@ def init_params(model: MMDiT, rng: jax.Array, resolution: int, batch: int = 1):
     ``nn.get_partition_spec(params)`` gives the logical specs; ``nn.meta.unbox(params)`` the
     plain arrays. ``model.apply({"params": params}, ...)`` accepts either form.
     """
-    return model.init(rng, *_dummy_inputs(model.cfg, resolution, batch))["params"]
+    return model.init(rng, *example_inputs(model.cfg, resolution, batch))["params"]
 
 
 def abstract_params(model: MMDiT, resolution: int, batch: int = 1):

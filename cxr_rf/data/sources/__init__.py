@@ -19,14 +19,17 @@ from types import ModuleType
 
 import numpy as np
 
+from cxr_rf import conditioning as cond
 from cxr_rf.data.sources.common import SourceError, chexpert_state, read_csv, require_columns
 
 __all__ = ["Item", "Reject", "SourceError", "SourceOptions", "SOURCES", "get", "read_csv",
            "require_columns", "chexpert_state"]
 
 DEFAULT_SALT = "cxr_rf"  # pass a secret --salt for real data: small id spaces are brute-forceable
-SOURCES: tuple[str, ...] = ("phantom", "mimic_cxr_jpg", "chexpert", "nih_cxr14", "padchest",
-                            "vindr_cxr", "brax", "rexgradient", "openi", "dicom_dir")
+# Derived, not listed: ``conditioning.SOURCES`` is the one list (its order fixes the token ids
+# trained checkpoints use, and conditioning must import without the data package). Every
+# value but "unknown" names a module here.
+SOURCES: tuple[str, ...] = tuple(s for s in cond.SOURCES if s != "unknown")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,10 @@ import os
 from typing import Iterable, Sequence
 
 from cxr_rf import conditioning as cond
+from cxr_rf import errors
 
 
-class SourceError(ValueError):
+class SourceError(errors.UserError):
     """Unusable input as a whole (missing required CSV, empty input): one-line message naming the expected file."""
 
 
