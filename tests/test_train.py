@@ -15,10 +15,13 @@ from cxr_rf import trainer as trainer_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _params(workdir, cfg):
+def assert_same_ema(run_a, run_b, step):
+    """Both runs' latest checkpoints are at ``step`` and hold bitwise equal EMA params."""
     from cxr_rf import sample
-    _, _, ema, step = sample.load(workdir)
-    return step, ema
+    (_, _, ema_a, step_a), (_, _, ema_b, step_b) = sample.load(run_a), sample.load(run_b)
+    assert step_a == step_b == step
+    for a, b in zip(jax.tree.leaves(ema_a), jax.tree.leaves(ema_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.fixture
@@ -34,11 +37,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data_dir, tiny_config):
     train.run(full, tmp_path / "part", stop_at=3)
     m_resumed = train.run(full, tmp_path / "part")
     assert m_resumed["loss"] == m_full["loss"]
-    s1, p1 = _params(tmp_path / "full", full)
-    s2, p2 = _params(tmp_path / "part", full)
-    assert s1 == s2 == 6
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_ema(tmp_path / "full", tmp_path / "part", 6)
 
 
 def test_training_reduces_validation_loss(tmp_path, data_dir, tiny_config):
@@ -129,8 +128,4 @@ def test_progressive_resolution_resumes_across_the_stage_boundary(tmp_path, data
     m_resumed = train.run(c, tmp_path / "part")
     assert (m_resumed["resolution"], m_resumed["shift"]) == (32, 2.0)
     assert m_resumed["loss"] == m_full["loss"]
-    s1, p1 = _params(tmp_path / "full", c)
-    s2, p2 = _params(tmp_path / "part", c)
-    assert s1 == s2 == 5
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_ema(tmp_path / "full", tmp_path / "part", 5)
