@@ -9,11 +9,12 @@ resumes from the newest checkpoint. The pieces (Trainer, Stages, data, restore) 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -159,9 +160,13 @@ def _define_flags() -> None:
     cli.define_config("config", "Experiment file (experiments/NAME.py).")
     flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
     flags.DEFINE_string("coordinator", None, "host:port of process 0, for explicit multi-process "
-                        "runs (TPU pods and SLURM are detected without it).")
+                        "runs (SLURM steps are detected without it; TPU slices take --cluster=tpu).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
     flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+    flags.DEFINE_enum("cluster", "auto", ["auto", "tpu", "none"],
+                      "How this process finds the others without --coordinator: auto (a SLURM "
+                      "step, GKE TPU or MPI environment), tpu (a multi-host TPU VM slice: JAX asks "
+                      "the metadata server; launch/tpu_pod.sh passes it), none (one process).")
     cli.check_number("num_processes", 1)
     cli.check_number("process_id", 0)
     flags.register_multi_flags_validator(["coordinator", "num_processes", "process_id"],
@@ -182,26 +187,95 @@ def _distributed_flags_ok(f: dict) -> bool:
     return True
 
 
-# Environment variables whose presence means a multi-host cluster JAX can join by itself.
-_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                "OMPI_MCA_orte_hnp_uri")
+@dataclasses.dataclass(frozen=True)
+class DistributedPlan:
+    """What ``init_distributed`` does: call ``jax.distributed.initialize(**kwargs)`` or not."""
+    initialize: bool
+    kwargs: dict[str, Any]
+    reason: str            # logged, and named in the error of a missed multi-host job
+    gloo: bool = False     # CPU processes need a cross-process collectives backend
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
-    """Join the other processes: explicit flags, else automatic on TPU pods / SLURM / MPI."""
+# The variables JAX's SLURM detection requires (jax/_src/clusters/slurm_cluster.py, 0.10.2).
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def _count(environ: Mapping[str, str], key: str, default: int = 1) -> int:
+    """A process count from the environment; an unreadable value counts as ``default``."""
+    try:
+        return int(environ.get(key, default))
+    except ValueError:
+        return default
+
+
+def distributed_plan(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None, cluster: str = "auto",
+                     environ: Mapping[str, str] | None = None) -> DistributedPlan:
+    """Decide from the flags and the environment (no network, no JAX) whether this process
+    joins others, and how.
+
+    Explicit ``--coordinator/--num_processes/--process_id`` win. ``--cluster=tpu`` (what
+    ``launch/tpu_pod.sh`` passes) initialises with JAX's own TPU detection: on queued-resource
+    TPU VMs nothing in the environment names the other hosts (JAX asks the metadata server
+    during ``initialize()``), so only the launcher can say that this is a multi-host job.
+    ``--cluster=none`` never initialises. ``auto`` initialises only where the environment
+    shows several processes the way JAX's detection reads them: a SLURM step (srun) with more
+    than one task, GKE TPU worker lists of more than one host, multislice, Open MPI.
+    """
+    env = os.environ if environ is None else environ
     if coordinator:
         if num_processes is None or process_id is None:
             raise errors.UserError("--coordinator needs --num_processes and --process_id")
-        # CPU processes need a cross-process collectives backend; harmless on GPU/TPU.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=num_processes, process_id=process_id)
-    elif num_processes is not None or process_id is not None:
+        if cluster != "auto":
+            raise errors.UserError(f"--coordinator and --cluster={cluster} exclude each other: "
+                                   "give the processes explicitly or let the cluster do it")
+        return DistributedPlan(True, dict(coordinator_address=coordinator,
+                                          num_processes=num_processes, process_id=process_id),
+                               f"--coordinator {coordinator}", gloo=True)
+    if num_processes is not None or process_id is not None:
         raise errors.UserError("--num_processes/--process_id need --coordinator")
-    elif any(os.environ.get(k) for k in _CLUSTER_ENV) and int(
-            os.environ.get("SLURM_NTASKS", "2")) > 1:
-        jax.distributed.initialize()
+    if cluster == "none":
+        return DistributedPlan(False, {}, "--cluster=none")
+    if cluster == "tpu":
+        return DistributedPlan(True, {}, "--cluster=tpu (JAX finds the TPU hosts)")
+    if cluster != "auto":
+        raise errors.UserError(f"--cluster must be auto, tpu or none, got '{cluster}'")
+    # A SLURM step as JAX's SlurmCluster reads it; SLURM_JOB_ID alone is also set in the batch
+    # script and in salloc shells, where this is the only process.
+    if all(k in env for k in _SLURM_STEP):
+        tasks = _count(env, "SLURM_NTASKS")
+        return DistributedPlan(tasks > 1, {}, f"SLURM step with {tasks} task(s)")
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        n = len([h for h in hosts.split(",") if h.strip()])
+        return DistributedPlan(n > 1, {}, f"TPU worker list of {n} host(s) (GKE)")
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return DistributedPlan(True, {}, "TPU multislice (MEGASCALE_COORDINATOR_ADDRESS)")
+    if env.get("OMPI_MCA_orte_hnp_uri"):
+        size = _count(env, "OMPI_COMM_WORLD_SIZE", 2)
+        return DistributedPlan(size > 1, {}, f"Open MPI with {size} process(es)")
+    return DistributedPlan(False, {}, "no cluster in the environment")
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None, cluster: str = "auto") -> DistributedPlan:
+    """Join the other processes as ``distributed_plan`` decides; return the plan."""
+    plan = distributed_plan(coordinator, num_processes, process_id, cluster)
+    if plan.initialize:
+        if plan.gloo:   # harmless on GPU/TPU
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        logging.info("joining jax.distributed: %s", plan.reason)
+        jax.distributed.initialize(**plan.kwargs)
+    elif jax.process_count() > 1:
+        # libtpu joins the hosts of a slice by itself, so JAX can see several processes with
+        # no distributed client: Orbax's async checkpointer and the preemption sync would then
+        # fail later and less clearly.
+        raise errors.UserError(
+            f"JAX sees {jax.process_count()} processes but jax.distributed was not initialised "
+            f"({plan.reason}); on a multi-host TPU slice pass --cluster=tpu "
+            "(launch/tpu_pod.sh does)")
+    return plan
 
 
 def main(argv):
@@ -211,7 +285,7 @@ def main(argv):
     cli.require("config", "workdir")
     cli.output_dir(FLAGS.workdir, "--workdir")
     logging.getLogger().setLevel(logging.INFO)
-    init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.cluster)
     if jax.process_index() != 0:  # one console: the others report only problems
         logging.getLogger().setLevel(logging.WARNING)
     metrics = run(FLAGS.config, FLAGS.workdir)

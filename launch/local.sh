@@ -57,8 +57,15 @@ pid=$!
 while true; do
   rc=0
   wait "$pid" || rc=$?
-  # wait returns early (>128) when a trapped signal arrives; wait again for the real status.
-  if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+  # wait also returns (> 128) when a trapped signal arrives: wait again while the process runs.
+  # If it has ended meanwhile, bash still holds its real status: ask for it (127: none held,
+  # so rc was already the real one).
+  if ((rc > 128)); then
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    again=0
+    wait "$pid" || again=$?
+    ((again == 127)) || rc=$again
+  fi
   break
 done
 trap - INT TERM
