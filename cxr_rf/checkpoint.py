@@ -8,9 +8,16 @@ so later saves of that step number do not collide with it.
 
 Orbax writes each checkpoint into a temporary directory and renames it on success, so an
 interrupted (kill -9) save is never listed and never restored.
+
+Corrupted contents (bit rot, a bad copy between buckets) decode without error, so each
+checkpoint also holds fingerprints of what was saved (``fingerprint``, a JSON item committed
+with the state): two 32-bit words per array, computed on device, and a hash of each process's
+data-iterator state. A restore recomputes them and treats any mismatch as unreadable.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -19,12 +26,17 @@ from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax import lax
 
 from cxr_rf import errors
 
-STATE, DATA = "state", "data"
+STATE, DATA, FINGERPRINT = "state", "data", "fingerprint"
+ITEMS = (STATE, DATA, FINGERPRINT)
+FINGERPRINT_FORMAT = "cxr_rf.fingerprint.v1"
 
 
 class RestoreError(errors.RunError):
@@ -51,14 +63,106 @@ def manager(directory: str | epath.Path, *, keep: int = 3, keep_period: int = 0,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_period or None, save_interval_steps=save_interval,
         create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=(STATE, DATA))
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints.
+#
+# Per array, two words: the sums mod 2**32 over its elements of fmix(u_i) and fmix(u_i ^ K),
+# where u_i = w_i ^ (i * G mod 2**32), w_i is the element's bits as a uint32 word (narrower
+# types zero-extended, 64-bit ones split in two), i its row-major position in the *global*
+# array, G odd and K a constant. For a fixed i both terms are bijections of w_i, so changing
+# any one element (one flipped bit or many) changes both words for certain; changes to
+# several elements go unnoticed with probability ~2**-64. Each term depends only on the
+# element's bits and global position, and integer addition mod 2**32 is exact, associative
+# and commutative: the words are the same for any sharding, device count or reduction order.
+# --------------------------------------------------------------------------------------------
+
+_G, _K = 0x9E3779B1, 0x7F4A7C15    # odd multiplier of the position; the second word's key
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit affects
+    every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """``x``'s bits as uint32 words, without any value conversion."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4 or size == 8:                 # 8 bytes: a trailing axis of two words
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    raise TypeError(f"no fingerprint for dtype {x.dtype}")
+
+
+def _array_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    w = _words(x)
+    # i * G from per-axis iotas: a reshape to 1-D could move a sharded array between devices;
+    # iotas are partitioned with their global offsets.
+    position, stride = jnp.uint32(0), _G
+    for axis in reversed(range(w.ndim)):
+        position = position + lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride)
+        stride = stride * w.shape[axis] % 2**32
+    mixed = w ^ position
+    return (jnp.sum(_fmix(mixed), dtype=jnp.uint32),
+            jnp.sum(_fmix(mixed ^ jnp.uint32(_K)), dtype=jnp.uint32))
+
+
+@jax.jit
+def _fingerprints_on_device(leaves: list) -> list:
+    # One program for the whole tree. (One per array deadlocks XLA's CPU backend with several
+    # devices: many small programs with collectives in flight at once.) Only scalars come
+    # back; rank-0 results are replicated, so every process can read them.
+    return [_array_fingerprint(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """{array path: 16 hex digits} of every array in ``tree``, computed on its devices (one
+    reduction pass; only the words reach the host). The same for any sharding of the tree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    words = jax.device_get(_fingerprints_on_device([x for _, x in flat]))
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): f"{int(a):08x}{int(b):08x}"
+            for (p, _), (a, b) in zip(flat, words, strict=True)}
+
+
+def _iterator_digest(data_iter) -> str:
+    """A hash of the iterator's state (its position in the data), the value Grain saves."""
+    state = data_iter.get_state()
+    raw = state if isinstance(state, bytes) else json.dumps(state, sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _iterator_digests(data_iter) -> list[str]:
+    """Every process's ``_iterator_digest`` (each process saves its own iterator file)."""
+    mine = _iterator_digest(data_iter)
+    if jax.process_count() == 1:
+        return [mine]
+    from jax.experimental import multihost_utils
+    words = np.frombuffer(bytes.fromhex(mine), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(words))
+    return [r.astype(np.uint32).tobytes().hex() for r in every.reshape(-1, words.size)]
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          data_iter: grain.DataLoaderIterator | None, *, force: bool = False) -> bool:
-    """Save state (+ iterator) at ``step``; returns whether a save was started."""
-    args = {STATE: ocp.args.StandardSave(state)}
+    """Save state (+ iterator, + their fingerprints) at ``step``; returns whether a save was
+    started."""
+    if not force and not mngr.should_save(step):
+        return False                # skipped by the manager: no fingerprints to compute
+    prints = {"format": FINGERPRINT_FORMAT, "arrays": fingerprints(state),
+              "data": _iterator_digests(data_iter) if data_iter is not None else None}
+    args = {STATE: ocp.args.StandardSave(state), FINGERPRINT: ocp.args.JsonSave(prints)}
     if data_iter is not None:
         args[DATA] = grain.checkpoint.CheckpointSave(data_iter)
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
@@ -75,8 +179,9 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
             data_iter: grain.DataLoaderIterator | None, step: int | None = None) -> tuple[int, Any]:
     """Restore ``step`` (default latest) into the layout of ``abstract_state``.
 
-    ``data_iter`` (if given) is advanced in place to the saved position. Raises RestoreError
-    naming the step and the cause when anything fails.
+    ``data_iter`` (if given) is advanced in place to the saved position. The restored arrays
+    and iterator are checked against the fingerprints saved with them (``verify``). Raises
+    RestoreError naming the step and the cause when anything fails or does not match.
     """
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -87,13 +192,52 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
     args = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    # Checkpoints written before fingerprints existed have no such item: restored unverified.
+    verified = (epath.Path(mngr.directory) / str(step) / FINGERPRINT).exists()
+    if verified:
+        args[FINGERPRINT] = ocp.args.JsonRestore()
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # re-raised with context: never fall back to a fresh start
         raise RestoreError(f"restoring step {step} from {mngr.directory} failed: "
                            f"{type(e).__name__}: {e}") from e
-    logging.info("restored step %d from %s", step, mngr.directory)
+    if verified:
+        verify(restored[STATE], data_iter, restored[FINGERPRINT],
+               f"step {step} in {mngr.directory}")
+        logging.info("restored step %d from %s (fingerprints match)", step, mngr.directory)
+    else:
+        logging.warning("checkpoint at step %d in %s has no fingerprints (written before they "
+                        "existed): restored without verifying its contents", step, mngr.directory)
     return step, restored[STATE]
+
+
+def verify(state: Any, data_iter, saved: dict, where: str) -> None:
+    """Raise RestoreError naming the first array (or the data iterator) of ``state`` whose
+    fingerprint differs from ``saved``."""
+    fmt = saved.get("format") if isinstance(saved, dict) else None
+    if fmt != FINGERPRINT_FORMAT or not isinstance(saved.get("arrays"), dict):
+        raise RestoreError(f"{where}: unrecognised fingerprint record (format {fmt!r})")
+    want, got = saved["arrays"], fingerprints(state)
+    for path, value in got.items():
+        if path not in want:
+            raise RestoreError(f"{where}: array {path} has no saved fingerprint")
+        if want[path] != value:
+            raise RestoreError(f"{where}: array {path} does not match its fingerprint "
+                               "(contents corrupted)")
+    if missing := sorted(set(want) - set(got)):
+        raise RestoreError(f"{where}: saved array {missing[0]} is not in the restored state")
+    if data_iter is not None and saved.get("data") is not None:
+        digests, i = saved["data"], jax.process_index()
+        ok = np.array([i < len(digests) and digests[i] == _iterator_digest(data_iter)])
+        if jax.process_count() > 1:
+            # Each process checks its own iterator file; all must reach the same verdict, or
+            # one would fall back to an older step while the others go on.
+            from jax.experimental import multihost_utils
+            ok = np.asarray(multihost_utils.process_allgather(ok)).reshape(-1)
+        if not ok.all():
+            raise RestoreError(f"{where}: data iterator state of process "
+                               f"{int(np.argmin(ok))} does not match its fingerprint "
+                               "(contents corrupted)")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
@@ -178,7 +322,7 @@ class StopRequest:
 def restore_params(directory: str | epath.Path, abstract_state: Any,
                    step: int | None = None) -> tuple[int, Any]:
     """Restore only the train state (no data iterator), e.g. for sampling."""
-    mngr = ocp.CheckpointManager(absolute(directory), item_names=(STATE, DATA),
+    mngr = ocp.CheckpointManager(absolute(directory), item_names=ITEMS,
                                  options=ocp.CheckpointManagerOptions(create=False))
     try:
         return restore(mngr, abstract_state, None, step)
