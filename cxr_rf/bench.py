@@ -1,14 +1,23 @@
-"""Benchmarks. ``train``: images/s (total and per device), analytic model FLOPs, MFU and peak
-memory of the real (sharded) train step on the configured mesh.
+"""Benchmarks, each ending with one JSON line for scripts.
+
+``train``: images/s (total and per device), analytic model FLOPs, MFU and peak memory of the
+real (sharded) train step on the configured mesh.
 
     python -m cxr_rf.bench train --config experiments/bench.py [--steps 20] \
         [--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2]
 
+``checkpoint``: what the checkpoint fingerprints cost. The whole TrainState (params, EMA,
+Adam moments, moved off its init so writes are realistic) is saved and restored through plain
+Orbax and through ``cxr_rf.checkpoint`` (fingerprints at save, verification at restore) in a
+temporary directory on local disk; seconds are medians of ``--steps`` repeats (saves are
+synchronous, so they include the write). ``fingerprint_first_s`` includes compiling the
+reduction, paid once per process and state layout.
+
+    python -m cxr_rf.bench checkpoint --config experiments/bench.py [--steps 5]
+
 MFU is against the device's peak: a table of published dense peaks for known GPUs/TPUs, a
 matmul measured in the same process on CPU (forced CPU devices share the host's cores, so the
 host's measured peak is split between them).
-
-Ends with one JSON line for scripts.
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ def device_peak(dtype) -> tuple[float, str]:
     dev = jax.devices()[0]
     bf16 = dtype == jnp.bfloat16
     for kind, p16, p32 in PEAK_FLOPS:
-        if kind.lower() in dev.device_kind.lower():
+        if kind == dev.device_kind:     # exact: a near-miss name is another chip
             return (p16 if bf16 else p32), f"table ({kind})"
     measured = matmul_peak(dtype=dtype)
     if dev.platform == "cpu":
@@ -104,10 +113,55 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
             "memory_source": mem_src, "loss": float(np.asarray(m["loss"].addressable_data(0)))}
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def bench_checkpoint(cfg, repeats: int) -> dict:
+    """Save/restore seconds of the run's TrainState with and without fingerprints."""
+    import tempfile
+    import orbax.checkpoint as ocp
+    from cxr_rf import checkpoint
+    from cxr_rf.trainer import Trainer
+    state = Trainer(cfg).init_state()
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    state = jax.block_until_ready(jax.tree.unflatten(tree, [
+        x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)]))
+    abstract = checkpoint.abstract(state)
+    row = {"arrays": len(leaves), "state_mb": round(sum(x.nbytes for x in leaves) / 2**20, 1),
+           "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+           "fingerprint_first_s": _timed(lambda: checkpoint.fingerprints(state))}
+    times = {k: [] for k in ("fingerprint_s", "save_plain_s", "save_fingerprinted_s",
+                             "restore_plain_s", "restore_verified_s")}
+    plain = lambda a: ocp.args.Composite(state=a)
+    with tempfile.TemporaryDirectory() as d:
+        mngr = checkpoint.manager(d, keep=2 * repeats + 2, async_save=False)
+        for i in range(repeats):
+            a, b = 2 * i + 1, 2 * i + 2      # a: plain Orbax, b: with fingerprints
+            times["fingerprint_s"].append(_timed(lambda: checkpoint.fingerprints(state)))
+            times["save_plain_s"].append(_timed(
+                lambda: mngr.save(a, args=plain(ocp.args.StandardSave(state)))))
+            times["save_fingerprinted_s"].append(
+                _timed(lambda: checkpoint.save(mngr, b, state, None, force=True)))
+            mngr.wait_until_finished()
+            times["restore_plain_s"].append(_timed(
+                lambda: mngr.restore(a, args=plain(ocp.args.StandardRestore(abstract)))["state"]))
+            times["restore_verified_s"].append(
+                _timed(lambda: checkpoint.restore(mngr, abstract, None, b)[1]))
+        mngr.close()
+    row.update({k: round(float(np.median(v)), 3) for k, v in times.items()})
+    row["fingerprint_first_s"] = round(row["fingerprint_first_s"], 3)
+    return row
+
+
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
     cli.define_config("config", "Experiment file.")
-    flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
+    flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up); checkpoint: repeats.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps (the first compiles).")
     cli.check_number("steps", 1)
     cli.check_number("warmup", 0)
@@ -116,10 +170,13 @@ def _define_flags() -> None:
 def main(argv):
     # A bad mesh / batch / model config is an errors.UserError from the config's own checks:
     # one line through cli.run; anything else keeps its traceback.
-    if len(argv) != 2 or argv[1] not in ("train",):
-        raise errors.UserError("name the benchmark: python -m cxr_rf.bench train --config "
-                               "experiments/NAME.py [--steps N]")
+    if len(argv) != 2 or argv[1] not in ("train", "checkpoint"):
+        raise errors.UserError("name the benchmark: python -m cxr_rf.bench train|checkpoint "
+                               "--config experiments/NAME.py [--steps N]")
     cli.require("config")
+    if argv[1] == "checkpoint":
+        print(json.dumps(bench_checkpoint(FLAGS.config, FLAGS.steps)))
+        return
     r = bench_train(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     print(f"train step: {r['images_per_s']:.2f} images/s = {r['images_per_s_per_device']:.2f} per "
           f"device ({r['step_s'] * 1e3:.1f} ms/step) on {r['devices']} {r['device_kind']} "
