@@ -17,6 +17,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The suite runs on the CPU, also where libtpu is installed (CI installs the tpu extra for the
+# AOT planner's tests): with JAX_PLATFORMS unset, every JAX process would load libtpu, take
+# /tmp/libtpu_lockfile for its lifetime (so that the next one fails with "Internal error when
+# accessing libtpu multi-process lockfile") and print its TPU-initialisation errors on stderr.
+# Tests that want JAX to pick the backend pop it for their subprocess.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Implicit rank promotion hides shape bugs ([B] + [B, 1] silently becomes [B, B]); the whole
 # suite, and every process it starts, runs with it as an error.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")

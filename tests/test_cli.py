@@ -268,6 +268,15 @@ def test_cpu_logs_have_no_libtpu_notice(tmp_path):
     JAX reports that libtpu is missing; the command's stderr is its one line only."""
     env = _env()
     env.pop("JAX_PLATFORMS")
+    if importlib.util.find_spec("libtpu") is not None:
+        # A host without libtpu is the case under test; where the tpu extra is installed (CI),
+        # a package that fails to import shadows it, and JAX fails to open libtpu.so as there.
+        # (Importing jax imports libtpu, which sets TPU_LIBRARY_PATH for every child process.)
+        env.pop("TPU_LIBRARY_PATH", None)
+        hidden = tmp_path / "no_libtpu" / "libtpu"
+        hidden.mkdir(parents=True)
+        (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(hidden.parent), env["PYTHONPATH"]])
     probe = subprocess.run(
         [sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); "
                                "import jax; jax.devices()"],
