@@ -119,6 +119,10 @@ class Trainer:
         with sharding.use(self.mesh):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
             self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
+            # The abstract state with its shardings, from the trace above (no second trace).
+            self._abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                nn.unbox(boxed), self.state_sharding)
             sharding.check_divisible(boxed.params, self.mesh)
             sharding.check_replication(boxed.params, self.mesh, cfg.mesh.max_replicated)
             self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_sharding)
@@ -143,7 +147,7 @@ class Trainer:
         ``jitted_step.lower`` takes to compile without any data (aot, memory analysis)."""
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
                  for k, v in step_lib.dummy_batch(self.cfg).items()}
-        return step_lib.abstract_state(self.cfg, self.state_sharding), batch
+        return self._abstract_state, batch
 
     def global_batch(self, local: dict) -> Batch:
         """Assemble the process-local batches into global arrays on the mesh."""
