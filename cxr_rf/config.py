@@ -6,7 +6,7 @@ import dataclasses
 
 import ml_collections
 
-from cxr_rf import errors
+from cxr_rf import conditioning, errors
 
 
 def base() -> ml_collections.ConfigDict:
@@ -29,9 +29,14 @@ def base() -> ml_collections.ConfigDict:
     d.worker_count = 0         # Grain worker processes (0 = in the main process)
     d.prefetch = 2             # Grain per-worker buffer
     d.report_len = 0           # report bytes appended to the context (0 = structured only)
-    # Classifier-free guidance: each condition group dropped independently.
+    # Classifier-free guidance dropout: "all" drops every group at once (the unconditional
+    # row the sampler guides against, SD3-style); each group is also dropped on its own, which
+    # teaches the nulls of per-group guidance and of conditions left unspecified.
     d.cond_dropout = ml_collections.ConfigDict(dict(
-        findings=0.1, sex=0.1, age=0.1, race=0.1, view=0.1, source=0.1, report=0.1))
+        all=0.1, findings=0.1, sex=0.1, age=0.1, race=0.1, view=0.1, source=0.1, report=0.1))
+    # The condition-token layout the run trains on (conditioning.LAYOUT); checkpoints of
+    # another layout are refused.
+    d.token_layout = conditioning.LAYOUT
 
     c.model = m = ml_collections.ConfigDict()
     m.patch = 4
@@ -92,6 +97,7 @@ def base() -> ml_collections.ConfigDict:
     s.steps = 28
     s.cfg = 4.0
     s.method = "euler"         # "euler" or "heun"
+    s.batch_size = 16          # images per sampler batch (python -m cxr_rf.sample --batch_size)
     s.grid = 8                 # images in the periodic training grid
 
     # One axis may be -1 (the remaining devices). max_replicated: refuse meshes leaving more than

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,29 +236,53 @@ def cfg_velocity(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Ar
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def guided_velocity_fn(apply_fn: Callable, cond, uncond, scale: float, prediction: str = "v",
-                       t_eps: float = 0.05) -> VelocityFn:
-    """Build velocity_fn(x, t_B) for CFG from apply_fn(x_BHWC, t_B, tokens_BL) -> network output.
+def chained_guidance(v_K1: Sequence[jax.Array], scales_K: Sequence) -> jax.Array:
+    """Per-group guidance along a chain of branches (one formula for all of CFG):
 
-    Conditional and unconditional branches run as ONE batched call on [cond; uncond] (half the
-    launches, better MXU/GPU utilisation). cond/uncond may be arrays or pytrees with batch-leading
-    leaves; an uncond with batch 1 is broadcast to cond's batch. x-prediction outputs are turned
-    into velocities before guidance, so the guidance is always applied in v-space.
+        v = v_0 + sum_k s_k (v_k - v_{k-1}),   k = 1..K
+
+    where branch 0 is unconditional and branch k adds the k-th set of condition groups to
+    branch k-1 (the last branch is fully conditional). Each scale s_k multiplies what adding
+    that set changes, given the sets before it. With every s_k = s the sum telescopes to plain
+    CFG, v_0 + s (v_K - v_0); K = 1 is plain CFG.
+    """
+    if len(v_K1) != len(scales_K) + 1:
+        raise ValueError(f"need one scale per branch after the first: {len(v_K1)} branches, "
+                         f"{len(scales_K)} scales")
+    v = v_K1[0]
+    for prev, cur, s in zip(v_K1[:-1], v_K1[1:], scales_K):
+        v = v + s * (cur - prev)
+    return v
+
+
+def guided_velocity_fn(apply_fn: Callable, branches: Sequence, scales: Sequence,
+                       prediction: str = "v", t_eps: float = 0.05) -> VelocityFn:
+    """velocity_fn(x, t_B) guided along ``branches`` (see ``chained_guidance``), from
+    apply_fn(x_BHWC, t_B, context) -> network output.
+
+    ``branches`` are K+1 contexts, unconditional first; ``scales`` the K guidance scales
+    (plain CFG: ``[uncond, cond], [scale]``). All branches run as ONE batched call (fewer
+    launches, better MXU/GPU utilisation). A branch may be an array or a pytree with
+    batch-leading leaves; a batch of 1 is broadcast to the last branch's batch. x-prediction
+    outputs are turned into velocities first, so guidance is always applied in v-space.
     """
     _check_prediction(prediction)
+    if len(branches) != len(scales) + 1:
+        raise ValueError(f"need one scale per branch after the first: {len(branches)} "
+                         f"branches, {len(scales)} scales")
+    k1 = len(branches)
 
-    def both(c, u):
-        u = jnp.broadcast_to(u, c.shape)
-        return jnp.concatenate([c, u], axis=0)
+    def stack(*leaves):
+        full = leaves[-1].shape
+        return jnp.concatenate([jnp.broadcast_to(leaf, full) for leaf in leaves], axis=0)
 
-    ctx = jax.tree.map(both, cond, uncond)
+    ctx = jax.tree.map(stack, *branches)
 
     def velocity_fn(x: jax.Array, t_B: jax.Array) -> jax.Array:
-        x_2B = jnp.concatenate([x, x], axis=0)
-        t_2B = jnp.concatenate([t_B, t_B], axis=0)
-        out_2B = apply_fn(x_2B, t_2B, ctx)
-        v_2B = velocity_from_output(out_2B, x_2B, t_2B, prediction=prediction, t_eps=t_eps)
-        v_cond, v_uncond = jnp.split(v_2B, 2, axis=0)
-        return cfg_velocity(v_cond, v_uncond, scale)
+        x_KB = jnp.concatenate([x] * k1, axis=0)
+        t_KB = jnp.concatenate([t_B] * k1, axis=0)
+        out_KB = apply_fn(x_KB, t_KB, ctx)
+        v_KB = velocity_from_output(out_KB, x_KB, t_KB, prediction=prediction, t_eps=t_eps)
+        return chained_guidance(jnp.split(v_KB, k1, axis=0), scales)
 
     return velocity_fn

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -30,23 +31,27 @@ def write_png(path: str | epath.Path, x_HW: np.ndarray, bits: int = 8) -> None:
 
 def grid(images: Sequence[np.ndarray], labels: Sequence[str] | None = None,
          cols: int | None = None, tile: int = 128) -> Image.Image:
-    """A labelled contact sheet of [-1, 1] grayscale images (each upscaled to ``tile``)."""
+    """A labelled contact sheet of [-1, 1] grayscale images (each upscaled to ``tile``).
+
+    A label is "first part | second part" (findings | demographics); each part is wrapped to
+    the tile's width, never cut, and every tile gets room for the longest label.
+    """
     n = len(images)
     cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
     font = ImageFont.load_default()
-    text_h = 24 if labels else 0       # two lines: findings, then demographics
+    width = max(tile // 6, 8)            # characters of the default font per tile
+    lines = [[line for part in label.split(" | ")
+              for line in (textwrap.wrap(part, width) or [""])] for label in (labels or [])]
+    text_h = 12 * max((len(x) for x in lines), default=0)
     sheet = Image.new("L", (cols * tile, rows * (tile + text_h)), color=0)
     draw = ImageDraw.Draw(sheet)
     for i, x in enumerate(images):
         r, c = divmod(i, cols)
         im = Image.fromarray(to_uint(np.squeeze(x)), mode="L").resize((tile, tile), Image.BILINEAR)
         sheet.paste(im, (c * tile, r * (tile + text_h) + text_h))
-        if labels:
-            first, _, second = labels[i].partition(" | ")
-            for k, line in enumerate((first, second)):
-                draw.text((c * tile + 2, r * (tile + text_h) + 12 * k), line[: tile // 6],
-                          fill=255, font=font)
+        for k, line in enumerate(lines[i] if lines else ()):
+            draw.text((c * tile + 2, r * (tile + text_h) + 12 * k), line, fill=255, font=font)
     return sheet
 
 

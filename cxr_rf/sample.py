@@ -2,30 +2,52 @@
 
     python -m cxr_rf.sample --workdir DIR [--step N] --num 8 \
         --findings "Cardiomegaly,Pleural Effusion" --sex F --age 70 --view PA \
-        --steps 28 --cfg 4.0 --seed 0 --out DIR
+        --steps 28 --cfg 4.0 [--guidance "findings=5,demographics=2"] --seed 0 --out DIR
 
-Loads the EMA parameters of the run's checkpoint, writes one PNG per image, grid.png and
-manifest.jsonl. Image i uses noise from PRNGKey(seed + i), so the same arguments give the
-same pixels and an image does not depend on how many others were asked for.
+Restores only the EMA parameters of the run's checkpoint, replicated on every local device,
+or sharded over them (FSDP) when they do not fit one, and samples ``--num`` images in batches
+of ``--batch_size`` split over the local devices (one compiled program whatever ``--num``).
+Writes one PNG per image, grid.png and manifest.jsonl. Image i uses noise from
+PRNGKey(seed + i), so the same arguments give the same pixels and an image does not depend
+on how many others were asked for or on the batch it landed in.
+
+Conditions: a group left unset (``--sex``, ``--age``, ``--race``, ``--view``, ``--source``,
+``--report``) is *not specified*, its null token, which classifier-free-guidance training
+taught the model as "any"; ``unknown`` is a value records carry. Unlisted findings take their
+most common state in the run's training data (its ``stats.json``), and a requested value that
+never occurs there is reported in one warning line.
+
+Guidance (``Guidance``): ``--cfg`` is the overall scale; ``--guidance`` gives condition
+groups their own, e.g. findings 5 and demographics (sex, age, race) 2. The branches form a
+chain, unconditional first, each adding one set of groups (those at the overall scale
+first, then the named sets in order), combined as v = v_0 + Σ_k s_k (v_k − v_{k−1})
+(``flow.chained_guidance``); all branches are one batched network call per step, and equal
+scales are exactly plain CFG.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
+import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import flags
 from etils import epath
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cxr_rf import checkpoint, cli, conditioning, errors, flow, outputs
+from cxr_rf import checkpoint, cli, conditioning, errors, flow, outputs, sharding
 from cxr_rf import step as step_lib
 from cxr_rf.conditioning import Conditions
-from cxr_rf.model import build_model
+from cxr_rf.data import stats as data_stats
+from cxr_rf.model import MMDiT, abstract_params, build_model
 
 # The fixed prompts of the periodic training grids: one per main finding, varied demographics.
 DEMO_CONDITIONS: tuple[Conditions, ...] = (
@@ -38,40 +60,178 @@ DEMO_CONDITIONS: tuple[Conditions, ...] = (
     Conditions.parse("Support Devices", sex="M", age=80, view="AP"),
     Conditions.parse("Atelectasis", sex="F", age=45, view="PA"),
 )
+SHARD_MODES = ("auto", "replicated", "fsdp")
+# "auto" replicates the parameters when they take at most this fraction of a device's memory
+# (the rest holds activations of a batch and XLA's buffers); otherwise they are sharded.
+REPLICATE_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: an overall ``scale`` and per-group scales.
+
+    ``groups`` holds (group or group set, scale) pairs in chain order; a group set is a name
+    of ``conditioning.GROUP_SETS`` (``demographics`` = sex, age, race). See the module
+    docstring for the formula.
+    """
+    scale: float = 4.0
+    groups: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def parse(cls, scale: float, spec: str = "") -> "Guidance":
+        """From ``--cfg`` and ``--guidance "findings=5,demographics=2"``."""
+        items = []
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            name, eq, value = (x.strip() for x in item.partition("="))
+            try:
+                v = float(value) if eq else math.nan
+            except ValueError:
+                v = math.nan
+            if not (math.isfinite(v) and v >= 0):
+                raise errors.UserError(f"--guidance item {item!r} must be group=scale with a "
+                                       "finite scale >= 0, e.g. findings=5,demographics=2")
+            conditioning.expand_groups([name])
+            items.append((name, v))
+        if not (math.isfinite(scale) and scale >= 0):
+            raise errors.UserError(f"guidance scale must be finite and >= 0, got {scale}")
+        return cls(float(scale), tuple(items))
+
+    def chain(self) -> tuple[list[tuple[str, ...]], list[float]]:
+        """(group sets, scales) of the branches after the unconditional one; empty when
+        every scale is 1 (the conditional prediction alone, one branch)."""
+        sets, scales, seen = [], [], set()
+        for name, s in self.groups:
+            groups = conditioning.expand_groups([name])
+            if seen & set(groups):
+                raise errors.UserError(f"--guidance gives {sorted(seen & set(groups))} two scales")
+            seen |= set(groups)
+            sets.append(groups)
+            scales.append(s)
+        rest = tuple(g for g in conditioning.GROUPS if g not in seen)
+        if rest:
+            sets.insert(0, rest)
+            scales.insert(0, self.scale)
+        if all(s == 1.0 for s in scales):
+            return [], []
+        return sets, scales
+
+    def branches(self, tokens_BL: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+        """(token rows [K+1, B, L] of every branch, the K scales) for conditions ``tokens_BL``."""
+        sets, scales = self.chain()
+        if not sets:
+            return tokens_BL[None], ()
+        rows, kept = [conditioning.keep_only(tokens_BL, [])], []
+        for groups in sets:
+            kept += groups
+            rows.append(conditioning.keep_only(tokens_BL, kept))
+        return np.stack(rows), tuple(scales)
+
+    def describe(self) -> dict:
+        return {"cfg": self.scale, "groups": dict(self.groups)}
+
+
+@functools.lru_cache(maxsize=None)
+def _program(model: MMDiT, fs: flow.FlowSettings, steps: int, method: str,
+             shape: tuple[int, ...]):
+    """The jitted sampler of one (model, flow settings, steps, method): shared by every
+    Sampler, so a new Sampler (a new training stage, a test) does not compile again."""
+
+    def run(params, seeds_B, branches_KBL, scales_K):
+        noise_BHWC = jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape))(seeds_B)
+        apply = lambda x, t, tok: model.apply({"params": params}, x, t, tok)
+        velocity = flow.guided_velocity_fn(apply, list(branches_KBL), list(scales_K),
+                                           prediction=fs.prediction, t_eps=fs.t_eps)
+        return flow.sample(velocity, noise_BHWC, steps=steps, method=method, shift=fs.shift)
+
+    return jax.jit(run)
+
+
+def _fits(nbytes: int, device) -> bool:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:      # the CPU reports no limit
+        return True
+    return nbytes <= REPLICATE_FRACTION * stats["bytes_limit"]
 
 
 class Sampler:
-    """Samples a model with given parameters; the compiled sampler is cached per settings."""
+    """Samples a model with given parameters over the local devices, in fixed-size batches.
 
-    def __init__(self, cfg: ml_collections.ConfigDict, model: nn.Module | None = None):
+    ``shard``: "replicated" puts the parameters on every device and splits each batch over
+    them (data parallel); "fsdp" shards the parameters over the devices by the model's
+    logical axes (for models that do not fit one device), the batch likewise; "auto" picks
+    replicated when they fit (``REPLICATE_FRACTION`` of a device's memory).
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, model: nn.Module | None = None, *,
+                 devices: Sequence | None = None, shard: str = "auto",
+                 batch_size: int | None = None):
+        if shard not in SHARD_MODES:
+            raise errors.UserError(f"unknown shard mode {shard!r}; allowed: {', '.join(SHARD_MODES)}")
         self.cfg = cfg
         self.model = model or build_model(cfg)
         self.resolution = cfg.data.resolution
         self.report_len = cfg.data.report_len
         self.fs = step_lib.flow_settings(cfg)   # the shift of the resolution it samples at
+        devices = list(devices or jax.local_devices())
+        boxed = abstract_params(self.model, self.resolution)
+        nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nn.unbox(boxed)))
+        if shard == "auto":
+            shard = "replicated" if _fits(nbytes, devices[0]) else "fsdp"
+        self.shard = shard
+        n = len(devices)
+        axes = {"data": n, "fsdp": 1} if shard == "replicated" else {"data": 1, "fsdp": n}
+        self.mesh = sharding.make_mesh({**axes, "tensor": 1}, devices)
+        if shard == "fsdp":
+            sharding.check_divisible(boxed, self.mesh)
+        self.param_shardings = sharding.logical_sharding(boxed, self.mesh)
+        self._abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.unbox(boxed), self.param_shardings)
+        size = int(batch_size or cfg.sample.get("batch_size", 16))
+        if size < 1:
+            raise errors.UserError(f"batch_size must be >= 1, got {size}")
+        self.batch_size = -(-size // n) * n                 # a multiple of the devices
+        self._rows = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self._branch_rows = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("steps", "method"))
-    def _generate(self, params, noise_BHWC, tokens_BL, guidance, *, steps: int, method: str):
-        uncond_BL = jnp.broadcast_to(jnp.asarray(conditioning.null_tokens(self.report_len)),
-                                     tokens_BL.shape)
-        apply = lambda x, t, tok: self.model.apply({"params": params}, x, t, tok)
-        velocity = flow.guided_velocity_fn(apply, tokens_BL, uncond_BL, guidance,
-                                           prediction=self.fs.prediction, t_eps=self.fs.t_eps)
-        return flow.sample(velocity, noise_BHWC, steps=steps, method=method, shift=self.fs.shift)
+    def restore(self, workdir: str | epath.Path, step: int | None = None):
+        """(EMA parameters placed for this sampler, checkpoint step) of a run; only the EMA
+        arrays are read."""
+        return checkpoint.restore_field(epath.Path(workdir) / "checkpoints", "ema_params",
+                                        self._abstract, step)[::-1]
 
     def generate(self, params, conditions: Sequence[Conditions], seeds: Sequence[int], *,
                  steps: int | None = None, cfg_scale: float | None = None,
-                 method: str | None = None) -> np.ndarray:
-        """Images [B, R, R] in [-1, 1], one per (condition, seed) pair."""
+                 guidance: Guidance | None = None, method: str | None = None,
+                 progress: bool = False) -> np.ndarray:
+        """Images [N, R, R] in [-1, 1], one per (condition, seed) pair. Guidance is
+        ``guidance``, or plain CFG at ``cfg_scale`` (default: the run's ``sample.cfg``)."""
         if len(conditions) != len(seeds):
             raise ValueError(f"need one seed per condition, got {len(seeds)} for {len(conditions)}")
+        if guidance is not None and cfg_scale is not None:
+            raise ValueError("pass guidance or cfg_scale, not both")
         s = self.cfg.sample
+        guidance = guidance or Guidance(float(s.cfg if cfg_scale is None else cfg_scale))
         shape = (self.resolution, self.resolution, self.cfg.model.in_channels)
-        noise = jnp.stack([jax.random.normal(jax.random.PRNGKey(int(sd)), shape) for sd in seeds])
-        tokens = jnp.asarray(np.stack([c.tokens(report_len=self.report_len) for c in conditions]))
-        out = self._generate(params, noise, tokens, float(s.cfg if cfg_scale is None else cfg_scale),
-                             steps=int(steps or s.steps), method=method or s.method)
-        return np.asarray(jax.device_get(out))[..., 0]
+        program = _program(self.model, self.fs, int(steps or s.steps), method or s.method, shape)
+        params = jax.device_put(params, self.param_shardings)
+        tokens = np.stack([c.tokens(report_len=self.report_len) for c in conditions])
+        branches, scales = guidance.branches(tokens)
+        scales = jnp.asarray(scales, jnp.float32)
+        seeds = np.asarray([int(x) for x in seeds], np.int64)
+        if seeds.size and (seeds.min() < 0 or seeds.max() >= 2**32):
+            raise errors.UserError("seeds must be in [0, 2**32)")
+        seeds = seeds.astype(np.uint32)
+        n, bs, out = len(seeds), self.batch_size, []
+        for start in tqdm.tqdm(range(0, n, bs), disable=not progress, unit="batch",
+                               desc="sample", dynamic_ncols=True):
+            # A short last batch repeats its last image (same shapes, no recompile); the
+            # repeats are dropped.
+            idx = np.minimum(np.arange(start, start + bs), n - 1)
+            x = program(params, jax.device_put(seeds[idx], self._rows),
+                        jax.device_put(branches[:, idx], self._branch_rows), scales)
+            out.append(np.asarray(jax.device_get(x))[: min(bs, n - start), ..., 0])
+        return np.concatenate(out) if out else np.zeros((0,) + shape[:2], np.float32)
 
     def grid(self, params, path: str | epath.Path, step: int | None = None) -> np.ndarray:
         """The labelled grid of DEMO_CONDITIONS (seed i for row i) written to ``path``."""
@@ -87,9 +247,8 @@ class Sampler:
         return images
 
 
-def load(workdir: str | epath.Path, step: int | None = None):
-    """(config, model, EMA params, checkpoint step) of a run directory, restored onto this
-    process's first device."""
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    """The config of a run directory, refused (one line) unless this code can sample it."""
     workdir = epath.Path(workdir)
     if not workdir.exists():
         raise errors.UserError(f"workdir {workdir} does not exist")
@@ -97,12 +256,26 @@ def load(workdir: str | epath.Path, step: int | None = None):
     if not cfg_path.exists():
         raise errors.UserError(f"{workdir} is not a cxr_rf run (no config.json); train first")
     cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    conditioning.check_layout(cfg, str(workdir))
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
         raise errors.UserError(f"{workdir} has no checkpoints yet; train first")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    step, state = checkpoint.restore_params(ckpt_dir, step_lib.abstract_state(cfg, device), step)
-    return cfg, build_model(cfg), state.ema_params, step
+    return cfg
+
+
+def load(workdir: str | epath.Path, step: int | None = None, **sampler_kwargs):
+    """(config, model, EMA params, checkpoint step) of a run directory; the parameters are
+    placed for ``Sampler(cfg, **sampler_kwargs)``."""
+    cfg = read_config(workdir)
+    sampler = Sampler(cfg, **sampler_kwargs)
+    params, step = sampler.restore(workdir, step)
+    return cfg, sampler.model, params, step
+
+
+def training_defaults(cfg: ml_collections.ConfigDict, workdir: str | epath.Path):
+    """The run's training marginals (``data.stats.training_marginals``) or None."""
+    from cxr_rf import trainer   # the data layout of a run; imported late (it pulls in Grain)
+    return data_stats.training_marginals(trainer.data_sources(cfg, epath.Path(workdir)))
 
 
 FLAGS = flags.FLAGS
@@ -113,26 +286,46 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_integer("num", 8, "Number of images.")
-    flags.DEFINE_string("findings", "", "Comma list of positive findings (Name or Name=state); "
-                        "unlisted ones are negative. Valid names: " + ", ".join(conditioning.FINDINGS))
-    flags.DEFINE_string("sex", "unknown", f"One of {conditioning.SEXES}.")
-    flags.DEFINE_float("age", None, "Age in years (default unknown).")
-    flags.DEFINE_string("race", "unknown", f"One of {conditioning.RACES}.")
-    flags.DEFINE_string("view", "PA", f"One of {conditioning.VIEWS}.")
-    flags.DEFINE_string("source", "unknown", f"One of {conditioning.SOURCES}.")
+    flags.DEFINE_string("findings", "", "Comma list of findings, Name or Name=state (state: "
+                        f"{', '.join(conditioning.REQUEST_STATES)}; default positive). Unlisted "
+                        "findings take their most common state in the training data. Valid "
+                        "names: " + ", ".join(conditioning.FINDINGS))
+    flags.DEFINE_string("sex", None, f"One of {conditioning.SEXES} (default: not specified).")
+    flags.DEFINE_string("age", None, "Age in years, or 'unknown' (default: not specified).")
+    flags.DEFINE_string("race", None, f"One of {conditioning.RACES} (default: not specified).")
+    flags.DEFINE_string("view", None, f"One of {conditioning.VIEWS} (default: not specified).")
+    flags.DEFINE_string("source", None, f"One of {conditioning.SOURCES} (default: not specified).")
+    flags.DEFINE_string("report", None, "Report text (runs with data.report_len > 0; default: "
+                        "not specified).")
     flags.DEFINE_integer("steps", 28, "ODE steps.")
     flags.DEFINE_float("cfg", 4.0, "Classifier-free guidance scale (1 = none).")
+    flags.DEFINE_string("guidance", "", "Per-group guidance scales, group=scale,... (groups: "
+                        f"{', '.join(conditioning.GROUPS + tuple(conditioning.GROUP_SETS))}); "
+                        "the others use --cfg.")
     flags.DEFINE_enum("method", "euler", ["euler", "heun"], "ODE solver.")
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
+    flags.DEFINE_integer("batch_size", None, "Images per batch (default: the run's "
+                         "sample.batch_size), rounded up to a multiple of the local devices.")
+    flags.DEFINE_enum("shard", "auto", list(SHARD_MODES), "Parameter placement over the local "
+                      "devices: replicated, fsdp (sharded), or auto (replicated if they fit).")
     flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
     flags.DEFINE_string("out", None, "Output directory.")
     cli.check_number("step", 0)
     cli.check_number("num", 1)
-    cli.check_number("age", 0, 150, hi_open=True)
     cli.check_number("steps", 1)
     cli.check_number("cfg", 0)
+    cli.check_number("batch_size", 1)
     # PRNGKey keeps the low 32 bits of a seed (without x64): larger seeds repeat smaller ones.
     cli.check_number("seed", 0, 2**32, hi_open=True)
+
+
+def _age(value: str | None):
+    if value is None or value == "unknown":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise errors.UserError(f"--age must be a number of years or 'unknown', got {value!r}") from None
 
 
 def main(argv):
@@ -145,21 +338,35 @@ def main(argv):
                                f"{FLAGS.seed} + {FLAGS.num}")
     cli.input_dir(FLAGS.workdir, "--workdir")
     cli.output_dir(FLAGS.out, "--out")
-    cond = Conditions.parse(FLAGS.findings, sex=FLAGS.sex, age=FLAGS.age, race=FLAGS.race,
-                            view=FLAGS.view, source=FLAGS.source)
-    cfg, model, params, step = load(FLAGS.workdir, FLAGS.step)
+    guidance = Guidance.parse(FLAGS.cfg, FLAGS.guidance)
+    guidance.chain()
+    kwargs = dict(sex=FLAGS.sex, age=_age(FLAGS.age), race=FLAGS.race, view=FLAGS.view,
+                  source=FLAGS.source, report=FLAGS.report)
+    Conditions.parse(FLAGS.findings, **kwargs)        # bad conditions fail before the restore
+    cfg = read_config(FLAGS.workdir)
+    if FLAGS.report is not None and not cfg.data.report_len:
+        raise errors.UserError(f"--report needs a run trained with reports (data.report_len > 0); "
+                               f"{FLAGS.workdir} has report_len 0")
+    marginals = training_defaults(cfg, FLAGS.workdir)
+    unlisted = data_stats.unlisted_defaults(marginals) if marginals is not None else None
+    cond = Conditions.parse(FLAGS.findings, unlisted=unlisted, **kwargs)
+    if marginals is not None and (missing := data_stats.unseen(cond.requested(), marginals)):
+        print(f"warning: never in this run's training data, so the model has not learnt it: "
+              f"{', '.join(missing)}", file=sys.stderr)
+    sampler = Sampler(cfg, shard=FLAGS.shard, batch_size=FLAGS.batch_size)
+    params, step = sampler.restore(FLAGS.workdir, FLAGS.step)
     seeds = [FLAGS.seed + i for i in range(FLAGS.num)]
-    images = Sampler(cfg, model).generate(params, [cond] * len(seeds), seeds, steps=FLAGS.steps,
-                                          cfg_scale=FLAGS.cfg, method=FLAGS.method)
+    images = sampler.generate(params, [cond] * len(seeds), seeds, steps=FLAGS.steps,
+                              guidance=guidance, method=FLAGS.method, progress=True)
     out = epath.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (seed, img) in enumerate(zip(seeds, images)):
         name = f"{i:04d}.png"
         outputs.write_png(out / name, img, bits=int(FLAGS.bits))
-        rows.append({"file": name, "seed": seed, "steps": FLAGS.steps, "cfg": FLAGS.cfg,
-                     "method": FLAGS.method, "checkpoint_step": step, "workdir": str(FLAGS.workdir),
-                     "conditions": cond.describe()})
+        rows.append({"file": name, "seed": seed, "steps": FLAGS.steps, "method": FLAGS.method,
+                     **guidance.describe(), "checkpoint_step": step,
+                     "workdir": str(FLAGS.workdir), "conditions": cond.describe()})
     with (out / "grid.png").open("wb") as f:
         outputs.grid(list(images), [f"seed {s}: {cond.label()}" for s in seeds]).save(f, format="PNG")
     outputs.write_manifest(out / "manifest.jsonl", rows)

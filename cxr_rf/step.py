@@ -43,16 +43,25 @@ def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
         decay_steps=max(cfg.train.steps, o.warmup_steps + 1), end_value=o.lr * 0.01)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW on ``lr_schedule`` with global-norm clipping.
+def decay_mask(params: Any) -> Any:
+    """True for the parameters weight decay applies to: the projection kernels (Dense and
+    DenseGeneral ``kernel``), by name. Not biases, norm scales, the token table or the
+    learned context positions. (A rank test would also catch the scanned blocks' biases and
+    norm scales, which carry a leading layer axis.)"""
+    def is_kernel(path, _):
+        # The last dict key: boxed (nn.Partitioned) leaves add an attribute step after it.
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(keys) and keys[-1] == "kernel"
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
 
-    Weight decay applies to matrices only (ndim >= 2), not to norms, biases or gains.
-    """
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW on ``lr_schedule`` with global-norm clipping; weight decay on ``decay_mask``."""
     o = cfg.optim
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
         optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+                    mask=decay_mask),
     )
 
 

@@ -53,6 +53,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     # iterator of the checkpoint's stage to the saved position.
     # ----------------------------------------------------------------------------------------
     schedule = config_lib.stages(cfg)
+    trainer_lib.check_resumable(cfg, workdir)       # a workdir of another token layout
     path = trainer_lib.ensure_data(cfg, workdir)   # a bad data.dir fails before the workdir exists
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)

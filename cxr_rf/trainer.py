@@ -12,6 +12,7 @@ The loop itself lives in `cxr_rf.train.run`; the shapes of a run (``abstract_sta
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from etils import epath
 from flax import linen as nn
 
-from cxr_rf import checkpoint, errors, sharding
+from cxr_rf import checkpoint, conditioning, errors, sharding
 from cxr_rf import config as config_lib
 from cxr_rf import step as step_lib
 from cxr_rf.data import convert, pipeline, schema
@@ -53,13 +54,33 @@ def _absolute(path: str) -> bool:
     return path.startswith("/") or "://" in path
 
 
-def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
-    """The run's data: the ``data.mixture`` pairs, or one dataset directory, converting the
-    phantom dataset into the workdir on first use (process 0 writes)."""
+def check_resumable(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """UserError (one line) when ``cfg`` is not on this code's condition-token layout, or
+    ``workdir`` holds checkpoints of a run trained on another one: its embedding rows would
+    be restored under other meanings."""
+    conditioning.check_layout(cfg, "the config")
+    saved = epath.Path(workdir) / "config.json"
+    ckpts = epath.Path(workdir) / "checkpoints"
+    if saved.exists() and ckpts.exists() and any(ckpts.iterdir()):
+        conditioning.check_layout(ml_collections.ConfigDict(json.loads(saved.read_text())),
+                                  f"the run in {workdir}")
+
+
+def data_sources(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> list[tuple[str, float]]:
+    """The run's datasets as (directory, weight) pairs: the ``data.mixture`` (relative dirs
+    under ``data.root``) or the one dataset directory with weight 1. Nothing is checked."""
     if cfg.data.mixture:
         root = cfg.data.get("root", "")
         return [(str(d) if not root or _absolute(str(d)) else str(epath.Path(root) / str(d)),
                  float(w)) for d, w in cfg.data.mixture]
+    return [(str(data_dir(cfg, epath.Path(workdir))), 1.0)]
+
+
+def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
+    """The run's data: the ``data.mixture`` pairs, or one dataset directory, converting the
+    phantom dataset into the workdir on first use (process 0 writes)."""
+    if cfg.data.mixture:
+        return data_sources(cfg, workdir)
     if cfg.data.dir:
         schema.filesystem_path(cfg.data.dir, "data.dir")
     path = data_dir(cfg, workdir)

@@ -259,16 +259,40 @@ def test_guided_velocity_fn(prediction):
     v_u = to_v(apply_fn(x, t_B, jnp.zeros((3, 2))))
     for scale, want in [(1.0, v_c), (0.0, v_u), (4.0, v_u + 4.0 * (v_c - v_u))]:
         calls.clear()
-        fn = flow.guided_velocity_fn(apply_fn, cond, uncond, scale, prediction=prediction)
+        fn = flow.guided_velocity_fn(apply_fn, [uncond, cond], [scale], prediction=prediction)
         np.testing.assert_allclose(fn(x, t_B), want, rtol=1e-5, atol=1e-5)
-        assert calls == [6]  # one batched call on [cond; uncond]
+        assert calls == [6]  # one batched call on [uncond; cond]
     np.testing.assert_allclose(flow.cfg_velocity(v_c, v_u, 2.5), v_u + 2.5 * (v_c - v_u), rtol=1e-6)
+
+
+def test_chained_guidance_is_cfg_with_equal_scales_and_weights_each_step_otherwise():
+    """Three branches (null, + demographics, + findings): equal scales telescope to plain
+    CFG between the ends; unequal scales weight each step, in one batched call."""
+    calls = []
+    apply_fn = _toy_apply(calls)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 1))
+    t_B = jnp.array([0.3, 0.8])
+    b0, b1, b2 = jnp.zeros((1, 2)), jnp.array([[1.0, 0.0], [0.5, 0.5]]), jnp.array(
+        [[1.0, 3.0], [2.0, 2.0]])
+    v0, v1, v2 = (apply_fn(x, t_B, jnp.broadcast_to(b, (2, 2))) for b in (b0, b1, b2))
+    for s in (1.0, 3.0, 7.5):
+        calls.clear()
+        chained = flow.guided_velocity_fn(apply_fn, [b0, b1, b2], [s, s])(x, t_B)
+        assert calls == [6]
+        np.testing.assert_allclose(chained, flow.cfg_velocity(v2, v0, s), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            chained, flow.guided_velocity_fn(apply_fn, [b0, b2], [s])(x, t_B), rtol=1e-5,
+            atol=1e-5)
+    got = flow.guided_velocity_fn(apply_fn, [b0, b1, b2], [2.0, 5.0])(x, t_B)
+    np.testing.assert_allclose(got, v0 + 2.0 * (v1 - v0) + 5.0 * (v2 - v1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one scale per branch"):
+        flow.guided_velocity_fn(apply_fn, [b0, b1, b2], [2.0])
 
 
 @pytest.mark.parametrize("method,traces", [("euler", 1), ("heun", 2)])
 def test_sampler_compiles_one_loop_body(method, traces):
     calls = []
-    fn = flow.guided_velocity_fn(_toy_apply(calls), jnp.ones((2, 3)), jnp.zeros((2, 3)), 2.0)
+    fn = flow.guided_velocity_fn(_toy_apply(calls), [jnp.zeros((2, 3)), jnp.ones((2, 3))], [2.0])
     out = jax.jit(lambda e: flow.sample(fn, e, steps=50, method=method))(jnp.ones((2, 4, 4, 1)))
     assert out.shape == (2, 4, 4, 1) and bool(jnp.all(jnp.isfinite(out)))
     assert len(calls) == traces  # the body is traced once, not once per step
@@ -295,7 +319,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="v, x"):
         flow.FlowSettings(prediction="eps")
     with pytest.raises(ValueError, match="v, x"):
-        flow.guided_velocity_fn(lambda *a: a[0], jnp.zeros(1), jnp.zeros(1), 1.0, prediction="noise")
+        flow.guided_velocity_fn(lambda *a: a[0], [jnp.zeros(1), jnp.zeros(1)], [1.0],
+                                prediction="noise")
     with pytest.raises(ValueError, match="steps"):
         flow.timesteps(0)
 
@@ -327,14 +352,14 @@ def test_guided_x_prediction_sample_is_the_guided_clean_image(method, scale, shi
     m_u + s (m_c - m_u), row by row."""
     apply = lambda x, t_B, tok: _per_row(_level_B(tok), x)
     x1 = jax.random.normal(jax.random.PRNGKey(9), (3, 4, 4, 1))
-    fn = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale, prediction="x")
+    fn = flow.guided_velocity_fn(apply, [NULL_1L, COND_BL], [scale], prediction="x")
     x0 = jax.jit(lambda e: flow.sample(fn, e, steps=4, method=method, shift=shift))(x1)
     m_c, m_u = _level_B(COND_BL), _level_B(NULL_1L)
     want = m_u + scale * (m_c - m_u)
     np.testing.assert_allclose(x0, _per_row(want, x1), atol=2e-5)
     # Read as a velocity instead, the same network output gives x_1 - m (the straight path
     # under constant velocity m): a different image.
-    fn_v = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale, prediction="v")
+    fn_v = flow.guided_velocity_fn(apply, [NULL_1L, COND_BL], [scale], prediction="v")
     x0_v = jax.jit(lambda e: flow.sample(fn_v, e, steps=4, method=method, shift=shift))(x1)
     np.testing.assert_allclose(x0_v, x1 - _per_row(want, x1), atol=2e-5)
 
@@ -354,7 +379,7 @@ def test_guided_v_sample_follows_the_shifted_grid(scale):
     -0.6725 k at shift 3."""
     apply = lambda x, t_B, tok: _per_row(_level_B(tok) * t_B, x)
     x1 = jax.random.normal(jax.random.PRNGKey(10), (3, 4, 4, 1))
-    fn = flow.guided_velocity_fn(apply, COND_BL, NULL_1L, scale)
+    fn = flow.guided_velocity_fn(apply, [NULL_1L, COND_BL], [scale])
     k_c, k_u = _level_B(COND_BL), _level_B(NULL_1L)
     k = k_u + scale * (k_c - k_u)
     run = jax.jit(lambda e, method, shift: flow.sample(fn, e, steps=4, method=method, shift=shift),

@@ -50,8 +50,8 @@ def _inputs(mcfg: ModelConfig, res: int | tuple[int, int] = RES, batch: int = 4)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (batch, h, w, mcfg.in_channels)), jnp.float32)
     t = jnp.linspace(0.2, 0.8, batch).astype(jnp.float32)
-    row = conditioning.Conditions.parse("Cardiomegaly", sex="F", age=70, view="PA").tokens(
-        "cardiomegaly", mcfg.report_len)
+    row = conditioning.Conditions.parse("Cardiomegaly", sex="F", age=70, view="PA",
+                                        report="cardiomegaly").tokens(mcfg.report_len)
     tok = jnp.asarray(np.stack([row] * batch), jnp.int32)
     return x, t, tok
 
@@ -116,8 +116,9 @@ def test_each_row_of_a_batch_is_computed_alone():
     conds = [conditioning.Conditions.parse(f, sex=s, age=a, view=v) for f, s, a, v in (
         ("Cardiomegaly", "F", 70, "PA"), ("", "M", 30, "AP"),
         ("Pneumothorax=uncertain,Fracture", "M", 25, "PA"), ("Pleural Effusion", "F", 85, "AP"))]
-    tok = jnp.asarray(np.stack([c.tokens(r, TINY.report_len) for c, r in zip(
-        conds, ("enlarged heart", "normal", "", "fluid"))]), jnp.int32)
+    tok = jnp.asarray(np.stack([dataclasses.replace(c, report=r).tokens(TINY.report_len)
+                                for c, r in zip(conds, ("enlarged heart", "normal", "", "fluid"))]),
+                      jnp.int32)
     apply = _apply(TINY)
     full = np.asarray(apply({"params": noisy}, x, t, tok))
     for i in range(len(conds)):
@@ -185,6 +186,59 @@ def test_bf16_compute_close_to_f32():
     assert out.dtype == jnp.float32
     err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     assert err < 0.05, err
+
+
+def test_bf16_head_outputs_float32_values():
+    """The final modulation and projection run in float32 under bf16 compute: the outputs
+    are not bf16 values cast up (which would leave a 16-bit PNG ~8 bits)."""
+    _, noisy = _init(TINY)
+    out = np.asarray(_apply(dataclasses.replace(TINY, dtype="bfloat16"))(
+        {"params": noisy}, *_inputs(TINY)))
+    assert out.dtype == np.float32
+    as_bf16 = np.asarray(jnp.asarray(out).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(out != as_bf16) > 0.9
+
+
+def test_report_padding_is_masked():
+    """A short report's padding gets zero attention: changing what the padding positions
+    carry (their learned positions) leaves every output bit unchanged, while changing a
+    position that holds a report byte moves the output."""
+    _, noisy = _init(TINY)
+    x, t, _ = _inputs(TINY)
+    row = conditioning.Conditions.parse("Cardiomegaly", sex="F", age=70, view="PA",
+                                        report="ab").tokens(TINY.report_len)
+    tok = jnp.asarray(np.stack([row] * x.shape[0]), jnp.int32)
+    ref = np.asarray(_apply(TINY)({"params": noisy}, x, t, tok))
+    pad_rows = conditioning.NUM_STRUCTURED + np.arange(2, TINY.report_len)   # after "ab"
+    byte_row = conditioning.NUM_STRUCTURED + 1                               # "b"
+
+    def moved(rows):
+        pos = np.asarray(noisy["ctx_pos"]).copy()
+        # A random direction (a constant shift would be normalised away by LayerNorm).
+        pos[rows] += 3.0 * np.random.default_rng(2).standard_normal(pos[rows].shape)
+        return np.asarray(_apply(TINY)({"params": {**noisy, "ctx_pos": jnp.asarray(pos)}},
+                                       x, t, tok))
+
+    np.testing.assert_array_equal(moved(pad_rows), ref)
+    assert np.abs(moved([byte_row]) - ref).max() > 1e-3
+
+
+def test_age_enters_continuously():
+    """Known ages embed through Fourier features: 0.1 year changes the output far less than
+    30 years, and a known age differs from a record's 'unknown' and from the null."""
+    _, noisy = _init(TINY)
+    x, t, _ = _inputs(TINY)
+
+    def out(age):
+        row = conditioning.Conditions.parse("Cardiomegaly", sex="F", age=age,
+                                            view="PA").tokens(TINY.report_len)
+        tok = jnp.asarray(np.stack([row] * x.shape[0]), jnp.int32)
+        return np.asarray(_apply(TINY)({"params": noisy}, x, t, tok))
+
+    base = out(70.0)
+    near, far = np.abs(out(70.1) - base).mean(), np.abs(out(40.0) - base).mean()
+    assert far > 1e-3 and near < 0.2 * far, (near, far)
+    assert np.abs(out("unknown") - base).mean() > 1e-3 and np.abs(out(None) - base).mean() > 1e-3
 
 
 CONFIGS = [

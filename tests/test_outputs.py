@@ -59,3 +59,16 @@ def test_polarity_black_is_minus_one_white_is_plus_one(tmp_path, bits):
 def test_bad_bit_depth_refused(tmp_path):
     with pytest.raises(ValueError, match="8 or 16"):
         outputs.write_png(tmp_path / "x.png", np.zeros((4, 4)), bits=12)
+
+
+def test_grid_labels_are_wrapped_not_cut():
+    """Every requested finding reaches the sheet: a long label wraps onto more lines (the
+    text band grows) instead of being cut at the tile's width."""
+    img = np.zeros((8, 8), np.float32)
+    short = outputs.grid([img, img], ["Cardiomegaly | F 70y PA", "no finding | M 35y PA"])
+    long = outputs.grid([img, img], ["Cardiomegaly, Pleural Effusion, Pneumothorax, Support "
+                                     "Devices | F 70y PA", "no finding | M 35y PA"])
+    assert short.size == (256, 128 + 24)              # two lines: findings, demographics
+    assert long.size[1] > short.size[1] + 12          # wrapped over more lines
+    band = np.asarray(long)[: long.size[1] - 128, :128]
+    assert (band[-12:] > 0).any()                     # the last line is drawn

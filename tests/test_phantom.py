@@ -544,3 +544,30 @@ def test_pneumothorax_is_lucent_on_its_side(side):
     assert _on_side((np.nonzero(region)[1] + 0.5) / PX, s, side).all()
     x, y = _grid(PX)
     assert np.abs(d[~_on_side(x + 0 * y, s, side)]).max() < 0.004   # the other lung untouched
+
+
+def test_pneumothorax_lucency_measured_on_its_side():
+    """measure()'s ptx_lucency_<side>: the same study with a pneumothorax reads higher on
+    that side, the other side stays put, and the max over sides separates the two groups."""
+    rises, others, pos, neg = [], [], [], []
+    for i in range(16):
+        side = ("left", "right")[i % 2]
+        other = {"left": "right", "right": "left"}[side]
+        m = phantom.measure(phantom.generate(23, i, 128, findings={"Pneumothorax": side}).image)
+        t = phantom.measure(phantom.generate(23, i, 128, findings={"Pneumothorax": False}).image)
+        rises.append(m[f"ptx_lucency_{side}"] - t[f"ptx_lucency_{side}"])
+        others.append(abs(m[f"ptx_lucency_{other}"] - t[f"ptx_lucency_{other}"]))
+        pos.append(max(m["ptx_lucency_left"], m["ptx_lucency_right"]))
+        neg.append(max(t["ptx_lucency_left"], t["ptx_lucency_right"]))
+    assert min(rises) > 0.015, rises
+    assert max(others) < 0.02 and np.median(others) < 0.002, others
+    pairs = np.asarray(pos)[:, None] > np.asarray(neg)[None, :]
+    assert pairs.mean() > 0.95            # AUROC over all (positive, negative) pairs
+    assert np.mean(neg) < 0 < np.mean(pos)
+
+
+def test_measure_without_lungs_is_nan_for_every_score():
+    m = phantom.measure(np.zeros((128, 128), np.uint16))
+    for k in ("ctr", "cp_blunting_left", "cp_blunting_right", "ptx_lucency_left",
+              "ptx_lucency_right"):
+        assert np.isnan(m[k]), k

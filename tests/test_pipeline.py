@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cxr_rf import conditioning as cond
+from cxr_rf import config
 from cxr_rf import errors
 from cxr_rf.data import imaging, pipeline, schema
 from cxr_rf.data.schema import Record
@@ -119,6 +120,27 @@ def test_cond_dropout_rates(data_dir):
     again = np.concatenate([b["tokens"] for b in loader(
         data_dir, num_epochs=20, global_batch=8, cond_dropout=probs)])
     assert np.array_equal(tokens, again)  # per-record rng: deterministic
+
+
+def test_joint_dropout_emits_the_unconditional_row(data_dir):
+    """What the real pipeline emits with the default config's dropout: ~10% all-null rows
+    (the row CFG guides against; per-group drops alone would give ~1e-6), per-group nulls on
+    top, and nothing else changed."""
+    probs = dict(config.base().data.cond_dropout)
+    assert probs["all"] == 0.1
+    batches = list(loader(data_dir, num_epochs=100, global_batch=8, cond_dropout=probs))
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    clean = np.stack([clean_tokens(i) for i in itertools.chain(*map(ids, batches))])
+    nulls, sl = cond.null_tokens(), cond.group_slices()
+    uncond = np.all(tokens == nulls, axis=1)
+    n = len(tokens)
+    assert abs(uncond.mean() - 0.1) < 4 * (0.09 / n) ** 0.5, uncond.mean()
+    rest = tokens[~uncond]
+    for g in ("findings", "sex", "age", "race", "view", "source"):
+        null = np.all(rest[:, sl[g]] == nulls[sl[g]], axis=1)
+        assert abs(null.mean() - 0.1) < 4 * (0.09 / len(rest)) ** 0.5, (g, null.mean())
+        kept = rest[~null][:, sl[g]]
+        assert np.array_equal(kept, clean[~uncond][~null][:, sl[g]]), g
 
 
 def test_resume_from_state(data_dir):

@@ -9,6 +9,7 @@ it was asked for.
 from __future__ import annotations
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_rf import conditioning, config
+from cxr_rf import checkpoint, conditioning, config, errors, sample, trainer
+from cxr_rf import step as step_lib
 from cxr_rf.conditioning import Conditions
 from cxr_rf.model import build_model, init_params
 from cxr_rf.sample import Sampler
@@ -114,3 +116,110 @@ def test_same_arguments_same_pixels():
     fresh = Sampler(_cfg(), _model_params()[0]).generate(params, [A, B], [5, 6], cfg_scale=2.5)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, fresh)
+
+
+# ---------------------------------------------------------------- guidance, batching, restore
+
+def test_per_group_guidance_equals_plain_cfg_when_the_scales_are_equal():
+    _, params = _model_params()
+    sampler = _sampler()
+    plain = sampler.generate(params, [A, B], [3, 4], cfg_scale=4.0)
+    same = sampler.generate(params, [A, B], [3, 4], guidance=sample.Guidance.parse(
+        4.0, "findings=4,demographics=4"))
+    np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-5)
+    other = sampler.generate(params, [A, B], [3, 4], guidance=sample.Guidance.parse(
+        4.0, "findings=8,demographics=1"))
+    assert _mad(other, plain) > 0.01
+    sets, scales = sample.Guidance.parse(4.0, "findings=8,demographics=1").chain()
+    assert sets == [("view", "source", "report"), ("findings",), ("sex", "age", "race")]
+    assert scales == [4.0, 8.0, 1.0]
+    assert sample.Guidance.parse(1.0).chain() == ([], [])     # conditional only: one branch
+    with pytest.raises(errors.UserError, match="two scales"):
+        sample.Guidance.parse(4.0, "sex=2,demographics=3").chain()
+    with pytest.raises(errors.UserError, match="group=scale"):
+        sample.Guidance.parse(4.0, "findings")
+
+
+def test_batched_sampling_equals_unbatched_bitwise():
+    """At a given --batch_size an image's pixels depend only on its condition and seed: not
+    on --num, on the batch it lands in or its place there (the last batch is padded), bit
+    for bit. Across batch sizes XLA picks other matmul blockings: equal to float rounding."""
+    model, params = _model_params()
+    conds, seeds = [A, B, A, B, A], [7, 8, 9, 10, 11]
+    sampler = Sampler(_cfg(), model, batch_size=4)
+    batched = sampler.generate(params, conds, seeds)
+    assert batched.shape == (5, RES, RES)
+    for i in range(5):
+        np.testing.assert_array_equal(sampler.generate(params, conds[i:i + 1], seeds[i:i + 1])[0],
+                                      batched[i], err_msg=f"image {i}")
+    np.testing.assert_array_equal(sampler.generate(params, conds[::-1], seeds[::-1]),
+                                  batched[::-1])
+    other = Sampler(_cfg(), model, batch_size=2).generate(params, conds, seeds)
+    np.testing.assert_allclose(other, batched, rtol=1e-4, atol=1e-5)
+
+
+def _run_dir(tmp_path, cfg):
+    """A run directory with one checkpoint of a random state whose EMA differs from its
+    parameters (and a config.json), as training leaves it."""
+    model = build_model(cfg)
+    tx = step_lib.make_optimizer(cfg)
+    state = nn.unbox(jax.jit(step_lib.init_fn(cfg, model, tx))(jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    # Every float array random (zeros would compress on disk and hide what is read).
+    noise = lambda tree: jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    state = state.replace(params=noise(state.params), ema_params=noise(state.params),
+                          opt_state=noise(state.opt_state))
+    mngr = checkpoint.manager(tmp_path / "checkpoints", async_save=False)
+    checkpoint.save(mngr, 3, state, None, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    return state
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_ema_only_restore_equals_the_full_restore_and_reads_less(tmp_path):
+    cfg = _cfg()
+    cfg.model.width = 128           # ~1M parameters: array bytes dominate the metadata read
+    state = _run_dir(tmp_path, cfg)
+    sampler = Sampler(cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    full_restore = lambda: checkpoint.restore_params(tmp_path / "checkpoints",
+                                                     step_lib.abstract_state(cfg, device))
+    sampler.restore(tmp_path), full_restore()      # first calls import and cache code
+    before = _bytes_read()
+    params, step = sampler.restore(tmp_path)
+    ema_bytes = _bytes_read() - before
+    before = _bytes_read()
+    _, full = full_restore()
+    full_bytes = _bytes_read() - before
+    assert step == 3
+    for got, want, via_full in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params),
+                                   jax.tree.leaves(full.ema_params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(via_full))
+    # params, EMA and two Adam moments are saved: the EMA alone is about a quarter.
+    assert 0 < ema_bytes < 0.5 * full_bytes, (ema_bytes, full_bytes)
+    with pytest.raises(errors.UserError, match="no checkpoint for step 5"):
+        sampler.restore(tmp_path, 5)
+
+
+def test_runs_of_another_token_layout_are_refused(tmp_path):
+    cfg = _cfg()
+    _run_dir(tmp_path, cfg)
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["data"]["token_layout"]                   # written before the layout existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(errors.UserError) as e:
+        sample.read_config(tmp_path)
+    msg = str(e.value)
+    assert "condition-token layout 1" in msg and f"layout {conditioning.LAYOUT}" in msg
+    assert "\n" not in msg
+    with pytest.raises(errors.UserError, match="condition-token layout 1"):
+        trainer.check_resumable(_cfg(), tmp_path)

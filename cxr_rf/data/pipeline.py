@@ -4,7 +4,8 @@
         -> shard by JAX process (strided) -> seeded shuffle, fresh each epoch -> repeat
     -> mix the sources by weight (deterministic interleave; one source = no mix)
     -> decode (PNG -> uint16 -> float32 [-1, 1], [R, R, 1]; condition tokens)
-    -> CFG dropout (random_map with a seed: per-record rng, so deterministic)
+    -> CFG dropout: all groups at once, or each on its own (random_map with a seed:
+       per-record rng, so deterministic)
     -> batch(global_batch // process_count) -> [mp_prefetch over worker processes]
 
 Batches: {"image": float32 [b, R, R, 1], "tokens": int32 [b, L], "findings": int8 [b, 14]}.
@@ -76,7 +77,8 @@ class DecodeExample(grain.transforms.Map):
 
 
 class CondDropout(grain.transforms.RandomMap):
-    """Classifier-free-guidance dropout: each group replaced by its null tokens independently."""
+    """Classifier-free-guidance dropout (``conditioning.dropout``): every group at once with
+    probability ``all``, and each group on its own with its probability."""
 
     def __init__(self, probs: Mapping[str, float]):
         self.probs = {g: float(p) for g, p in probs.items() if p > 0}
@@ -88,8 +90,9 @@ class CondDropout(grain.transforms.RandomMap):
 def _check_dropout(cond_dropout: Mapping[str, float] | None) -> dict[str, float]:
     probs = dict(cond_dropout or {})
     for g, p in probs.items():
-        if g not in cond.GROUPS:
-            raise errors.UserError(f"cond_dropout: unknown group {g!r}; valid: {', '.join(cond.GROUPS)}")
+        if g not in cond.GROUPS + ("all",):
+            raise errors.UserError(f"cond_dropout: unknown group {g!r}; valid: all (every group "
+                                   f"at once), {', '.join(cond.GROUPS)}")
         if not 0.0 <= float(p) <= 1.0:
             raise errors.UserError(f"cond_dropout[{g!r}] must be a probability in [0, 1]; got {p}")
     return probs

@@ -109,3 +109,64 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         if len(rejects["reasons"]) > _TOP:
             lines.append(f"{'':>10}  ... {len(rejects['reasons']) - _TOP} more reasons")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# What a run trained on: the sampler's defaults and warnings.
+# --------------------------------------------------------------------------------------------
+
+def training_marginals(sources: Iterable[tuple[str, float]]) -> dict[str, Any] | None:
+    """Train-split marginals of a run's data as fractions, ``{"findings": {name: {state:
+    p}}, "sex": {value: p}, "age": {bin: p}, ...}``, each source weighted by its mixture
+    weight; None when a source has no ``stats.json`` (nothing to compare against)."""
+    import json
+    from etils import epath
+    out: dict[str, Any] = {"findings": {f: {s: 0.0 for s in cond.STATES} for f in cond.FINDINGS}}
+    sources = list(sources)
+    total = sum(w for _, w in sources)
+    for d, weight in sources:
+        weight = weight / total
+        path = epath.Path(d) / "stats.json"
+        if not path.exists():
+            return None
+        doc = json.loads(path.read_text())
+        counts = doc["splits"].get("train", doc["total"])
+        n = max(counts["count"], 1)
+        for f, states in counts["findings"].items():
+            for s, k in states.items():
+                out["findings"][f][s] += weight * k / n
+        for key in ("sex", "age", "race", "view", "source"):
+            for v, k in counts[key].items():
+                out.setdefault(key, {})
+                out[key][v] = out[key].get(v, 0.0) + weight * k / n
+    return out
+
+
+def unlisted_defaults(marginals: Mapping[str, Any]) -> dict[str, int]:
+    """The state code an unlisted finding takes when sampling: its most common state in the
+    training data (negative on the phantom, unmentioned on CheXpert-style corpora). For "No
+    Finding", the most common state other than positive (it is positive only when nothing
+    else is, which ``Conditions.parse`` decides)."""
+    out = {}
+    for f, states in marginals["findings"].items():
+        ranked = sorted(states.items(), key=lambda kv: -kv[1])
+        if f == "No Finding":
+            ranked = [kv for kv in ranked if kv[0] != "positive"]
+        out[f] = cond.STATES.index(ranked[0][0])
+    return out
+
+
+def unseen(requested: Mapping[str, Iterable[str]], marginals: Mapping[str, Any]) -> list[str]:
+    """The requested values (``Conditions.requested()``) that never occur in the training
+    data, as "group=value" / "Finding=state": the model has not learnt them."""
+    out = []
+    for group, values in requested.items():
+        for value in values:
+            if group == "findings":
+                name, _, state = value.partition("=")
+                seen = marginals["findings"].get(name, {}).get(state, 0.0)
+            else:
+                seen = marginals.get(group, {}).get(value, 0.0)
+            if not seen > 0:
+                out.append(value if group == "findings" else f"{group}={value}")
+    return out

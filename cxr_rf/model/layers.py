@@ -170,8 +170,12 @@ def modulate(x_BTD: jax.Array, shift_B1D: jax.Array, scale_B1D: jax.Array) -> ja
     return x_BTD * (1 + scale_B1D) + shift_B1D
 
 
-def joint_attention(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array) -> jax.Array:
+def joint_attention(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array,
+                    keep_BS: jax.Array | None = None) -> jax.Array:
     """One softmax attention of queries over the joint [image; context] keys.
+
+    ``keep_BS`` (bool, optional) marks the keys every query may attend to; the others get
+    exactly zero weight (report padding). At least one key per example must be kept.
 
     Logits accumulate and the softmax runs in float32 for any input dtype. On GPU,
     jax.nn.dot_product_attention may dispatch to cuDNN flash attention. Elsewhere the heads are
@@ -180,13 +184,17 @@ def joint_attention(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array) -> 
     The output is named ``attn_out`` for the "save_attn" remat policy.
     """
     if jax.default_backend() == "gpu":
-        out_BTNK = jax.nn.dot_product_attention(q_BTNK, k_BSNK, v_BSNK, implementation=None)
+        mask = None if keep_BS is None else keep_BS[:, None, None, :]
+        out_BTNK = jax.nn.dot_product_attention(q_BTNK, k_BSNK, v_BSNK, mask=mask,
+                                                implementation=None)
     else:
         scale = 1.0 / math.sqrt(q_BTNK.shape[-1])
         q_BNTK = jnp.swapaxes(q_BTNK, 1, 2)
         k_BNKS = jnp.transpose(k_BSNK, (0, 2, 3, 1))
         v_BNSK = jnp.swapaxes(v_BSNK, 1, 2)
         logits_BNTS = jnp.matmul(q_BNTK, k_BNKS, preferred_element_type=jnp.float32) * scale
+        if keep_BS is not None:
+            logits_BNTS = jnp.where(keep_BS[:, None, None, :], logits_BNTS, -jnp.inf)
         probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNK.dtype)
         out_BTNK = jnp.swapaxes(jnp.matmul(probs_BNTS, v_BNSK), 1, 2)
     return checkpoint_name(out_BTNK, ATTN_OUT)
@@ -214,6 +222,19 @@ class TimestepEmbedder(nn.Module):
                   init=nn.initializers.normal(0.02))
         h_BD = dense(self.width, ("freq", "mlp"), name="fc1", **kw)(timestep_sinusoid(t_B))
         return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(nn.silu(h_BD))
+
+
+AGE_FEATURES = 16   # Fourier features of a continuous age (8 frequencies, cos and sin)
+
+
+def age_features(years_B: jax.Array) -> jax.Array:
+    """Fourier features of ages in years, float32 [B, AGE_FEATURES]: cos and sin of
+    2π·years/period for 8 periods from 200 down to 5 years (geometric), so ages months apart
+    embed alike and decades apart differ smoothly."""
+    periods_F = 200.0 * (5.0 / 200.0) ** (jnp.arange(AGE_FEATURES // 2, dtype=jnp.float32)
+                                          / (AGE_FEATURES // 2 - 1))
+    args_BF = 2 * jnp.pi * years_B.astype(jnp.float32)[:, None] / periods_F[None]
+    return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

@@ -136,14 +136,15 @@ _EMB_BID = ("activation_batch", "activation_length", "activation_embed")
 class MMDiTBlock(nn.Module):
     """One SD3 MMDiT block; ``context_pre_only`` makes the context stream only feed k, v.
 
-    Signature fits nn.scan: ``((x_BID, ctx_BLD), c_BD, rope) -> ((x_BID, ctx_BLD), None)``;
-    a context_pre_only block returns the context unchanged.
+    Signature fits nn.scan: ``((x_BID, ctx_BLD), c_BD, rope, keep_BS) -> ((x_BID, ctx_BLD),
+    None)``; ``keep_BS`` marks the keys queries may attend to (report padding is masked). A
+    context_pre_only block returns the context unchanged.
     """
     cfg: ModelConfig
     context_pre_only: bool = False
 
     @nn.compact
-    def __call__(self, carry, c_BD, rope):
+    def __call__(self, carry, c_BD, rope, keep_BS):
         x_BID, ctx_BLD = carry
         cfg, n_img = self.cfg, x_BID.shape[1]
         D, N, K = cfg.width, cfg.heads, cfg.head_dim
@@ -183,7 +184,8 @@ class MMDiTBlock(nn.Module):
         else:
             q_BTNK = jnp.concatenate([qx_BINK, qk(hc_BLD, "ctx", "q")], axis=1)
         o_BTNK = sharding.constrain(
-            layers.joint_attention(sharding.constrain(q_BTNK, seq), k_BSNK, v_BSNK), seq)
+            layers.joint_attention(sharding.constrain(q_BTNK, seq), k_BSNK, v_BSNK, keep_BS),
+            seq)
 
         x_BID = x_BID + gate_msa * layers.out_proj(D, name="x_out", **kw)(o_BTNK[:, :n_img])
         x_BID = x_BID + gate_mlp * layers.Mlp(cfg.mlp_dim, name="x_mlp", **kw)(
@@ -235,11 +237,16 @@ class MMDiT(nn.Module):
         x_BID = sharding.constrain(x_BID, _EMB_BID)
 
         # Context stream: shared token table + learned positions; each std 1/sqrt(2) so the
-        # sum starts at unit scale.
+        # sum starts at unit scale. A known age (an id beyond the table) is the table's
+        # "age value" row plus a projection of Fourier features of its years.
         init = nn.initializers.normal(2 ** -0.5)
+        is_age_BL = tokens_BL >= cfg.vocab_size
         tok_BLD = nn.Embed(cfg.vocab_size, D, name="ctx_embed",
                            embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
-                           **kw)(tokens_BL)
+                           **kw)(jnp.where(is_age_BL, conditioning.age_value_row(), tokens_BL))
+        age_BD = layers.dense(D, ("freq", "embed"), name="age_embed", **kw)(
+            layers.age_features(conditioning.age_years(tokens_BL[:, conditioning.AGE_POS])))
+        tok_BLD = tok_BLD + jnp.where(is_age_BL[..., None], age_BD[:, None].astype(dt), 0)
         pos_LD = self.param("ctx_pos", nn.with_logical_partitioning(init, ("ctx", "embed")),
                             (cfg.ctx_len, D), cfg.params_dtype)
         ctx_BLD = sharding.constrain(tok_BLD + pos_LD.astype(dt)[None], _EMB_BID)
@@ -252,27 +259,36 @@ class MMDiT(nn.Module):
         c_BD = layers.TimestepEmbedder(D, name="t_embed", **kw)(t_B) + pooled_BD
         c_BD = sharding.constrain(c_BD, ("activation_batch", "activation_embed"))
 
+        # Keys a query may attend to: every image token and every context token but report
+        # padding (so the padding of a short report changes nothing).
+        keep_BS = jnp.concatenate([jnp.ones((b, gh * gw), bool),
+                                   tokens_BL != conditioning.report_pad_id()], axis=1)
+
         carry = (x_BID, ctx_BLD)
         if cfg.depth > 1:
             if cfg.scan:
                 blocks = nn.scan(_block_class(cfg, prevent_cse=False),
                                  variable_axes={"params": 0}, split_rngs={"params": True},
-                                 in_axes=(nn.broadcast, nn.broadcast), length=cfg.depth - 1,
+                                 in_axes=(nn.broadcast,) * 3, length=cfg.depth - 1,
                                  metadata_params={nn.PARTITION_NAME: "layers"})
-                carry, _ = blocks(cfg, name="blocks")(carry, c_BD, rope)
+                carry, _ = blocks(cfg, name="blocks")(carry, c_BD, rope, keep_BS)
             else:
                 block_cls = _block_class(cfg, prevent_cse=True)
                 for i in range(cfg.depth - 1):
-                    carry, _ = block_cls(cfg, name=f"blocks_{i}")(carry, c_BD, rope)
+                    carry, _ = block_cls(cfg, name=f"blocks_{i}")(carry, c_BD, rope, keep_BS)
         (x_BID, _), _ = _block_class(cfg, prevent_cse=True)(
-            cfg, context_pre_only=True, name="last_block")(carry, c_BD, rope)
+            cfg, context_pre_only=True, name="last_block")(carry, c_BD, rope, keep_BS)
 
-        # Final layer: zero-init projection, so the untrained model outputs exactly zero.
-        shift, scale = layers.Modulation(2, D, name="final_mod", **kw)(c_BD)
-        x_BID = layers.modulate(layers.layer_norm(dt)(x_BID), shift, scale)
+        # Final layer: zero-init projection, so the untrained model outputs exactly zero. It
+        # runs in float32 whatever the compute dtype: under bf16 a bf16 output would carry
+        # ~8 bits, and the pixels (x-prediction) or velocities are what the user keeps.
+        f32 = dict(dtype=jnp.float32, param_dtype=cfg.params_dtype)
+        shift, scale = layers.Modulation(2, D, name="final_mod", **f32)(c_BD.astype(jnp.float32))
+        x_BID = layers.modulate(layers.layer_norm(jnp.float32)(x_BID.astype(jnp.float32)),
+                                shift, scale)
         out_BIP = layers.dense(p * p * cfg.in_channels, ("embed", "patch"), zero=True,
-                               name="final_proj", **kw)(x_BID)
-        return layers.unpatchify(out_BIP, height, width, p, cfg.in_channels).astype(jnp.float32)
+                               name="final_proj", **f32)(x_BID)
+        return layers.unpatchify(out_BIP, height, width, p, cfg.in_channels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +316,7 @@ def param_count(mcfg: ModelConfig) -> int:
             + k_only)
     embed = ((P * D + D)                         # patch embedding
              + V * D + L * D                     # context token table + learned positions
+             + (layers.AGE_FEATURES * D + D)     # continuous age: Fourier features -> D
              + (D * D + D) * 2                   # pooled-conditioning MLP
              + (F * D + D) + (D * D + D))        # timestep MLP
     final = (2 * D * D + 2 * D) + (D * P + P)    # final modulation + zero-init projection
@@ -339,7 +356,7 @@ def flops_per_image(mcfg: ModelConfig, resolution: int) -> float:
             + L * 2 * D * D                      # context k, v only
             + 2 * I * S * D                      # image queries over joint keys
             + (6 + 2) * D * D)                   # modulations
-    embed = I * P * D + (F * D + D * D) + 2 * D * D
+    embed = I * P * D + (F * D + D * D) + 2 * D * D + layers.AGE_FEATURES * D
     final = 2 * D * D + I * D * P
     macs = (mcfg.depth - 1) * block + last + embed + final
     return 2.0 * macs

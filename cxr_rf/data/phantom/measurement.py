@@ -37,6 +37,13 @@ def _ring_labels(lab: np.ndarray, ring: np.ndarray) -> np.ndarray:
 
 def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
     """(lung mask at working resolution, downsampling factor)."""
+    mask, f, _ = _lungs(image)
+    return mask, f
+
+
+def _lungs(image: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """(lung mask, downsampling factor, the working image normalised by the 1st/99th
+    percentiles of the exposed field: lungs ~0.3-0.6, mediastinum ~1)."""
     img = np.asarray(image, np.float32)
     n = img.shape[0]
     f = max(1, n // 256)
@@ -47,10 +54,11 @@ def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
     cols = np.flatnonzero(field.mean(0) > 0.5)
     mask = np.zeros_like(field)
     if rows.size < 8 or cols.size < 8:
-        return mask, f
+        return mask, f, np.zeros_like(w)
     r0, r1, c0, c1 = rows[0] + 1, rows[-1], cols[0] + 1, cols[-1]
     crop = w[r0:r1, c0:c1]
     p1, p99 = np.percentile(crop, [1, 99])
+    norm = (w - p1) / max(p99 - p1, 1e-6)
     x = (crop - p1) / max(p99 - p1, 1e-6)
     x = ndimage.gaussian_filter(x, 0.7)
     k = max(3, int(round(0.014 * w.shape[0])) | 1)
@@ -80,7 +88,7 @@ def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
         if min(lungs[:, :half].mean(), lungs[:, half:].mean()) > 0.03:
             break
     mask[r0:r1, c0:c1] = ndimage.binary_fill_holes(lungs)
-    return mask, f
+    return mask, f, norm
 
 
 def _edges(lung: np.ndarray, lateral_first: bool):
@@ -111,14 +119,17 @@ def measure(image: np.ndarray) -> dict:
     ``heart_width`` and ``thoracic_width`` (fractions of the image width),
     ``cp_blunting_left/right`` (costophrenic blunting: how far the lung's lowest point lies
     below the lowest lung in the lateral recess, in thoracic widths; ~0 for a sharp angle,
-    higher = blunter) and ``effusion_left/right`` (blunting > CP_THRESHOLD). Left/right are the
-    patient's. Accurate from 128 px up; values are NaN/False when no lungs are found (tiny
+    higher = blunter), ``effusion_left/right`` (blunting > CP_THRESHOLD) and
+    ``ptx_lucency_left/right`` (pneumothorax: how much darker the lung's lateral rim is than
+    the lung just inside it, in the upper half; see ``_peripheral_lucency``). Left/right are
+    the patient's. Accurate from 128 px up; values are NaN/False when no lungs are found (tiny
     images).
     """
     out = {"ctr": np.nan, "heart_width": np.nan, "thoracic_width": np.nan,
            "cp_blunting_left": np.nan, "cp_blunting_right": np.nan,
-           "effusion_left": False, "effusion_right": False}
-    mask, _ = lung_mask(image)
+           "effusion_left": False, "effusion_right": False,
+           "ptx_lucency_left": np.nan, "ptx_lucency_right": np.nan}
+    mask, _, norm = _lungs(image)
     n = mask.shape[1]
     colsum = ndimage.uniform_filter1d(mask.sum(0).astype(np.float32), 3)
     cols = np.flatnonzero(colsum)
@@ -137,6 +148,8 @@ def measure(image: np.ndarray) -> dict:
     pl, lat_l, med_l, fill_l = _edges(left, False)
     if pr.sum() < 10 or pl.sum() < 10:
         return out
+    out["ptx_lucency_right"] = _peripheral_lucency(right, norm, True)
+    out["ptx_lucency_left"] = _peripheral_lucency(left, norm, False)
     # Thorax: the cage is widest over a long stretch of rows, so robust percentiles of each
     # side's lateral edge equal its extreme even where a zone is opacified.
     x_r = float(np.percentile(lat_r[pr], 8))
@@ -185,3 +198,30 @@ def _heart_extreme(lung, med, cand, sgn, k):
             return float(c)
         rows.pop(j)
     return None
+
+
+def _peripheral_lucency(lung: np.ndarray, norm: np.ndarray, lateral_first: bool) -> float:
+    """Pneumothorax sign of one lung: the median, over the rows of its upper half, of how much
+    darker the lateral rim is than the lung just inside it.
+
+    Per row, along the lung from its lateral edge inward: the median of the normalised
+    brightness 5-11 px in (at 128 px; offsets scale with the working width) minus the darkest
+    value 1-3 px in. A normal lung gets brighter toward the chest wall (it thins there, and
+    the wall's soft tissue overlaps it): score < ~0. Pleural air between the wall and a
+    collapsed lung has no lung tissue or vessels and is the darkest band of the row: score
+    > 0. The band is widest at the apex and thins downward, hence the upper half.
+    """
+    n = lung.shape[1]
+    s = n / 128
+    o = [int(round(k * s)) for k in (1, 4, 5, 12)]
+    rows = np.flatnonzero(lung.any(1))
+    if rows.size < 10:
+        return np.nan
+    vals = []
+    for r in rows[rows < rows[0] + 0.5 * (rows[-1] - rows[0])]:
+        c = np.flatnonzero(lung[r])
+        if c.size < 16 * s:
+            continue
+        p = norm[r, c] if lateral_first else norm[r, c[::-1]]
+        vals.append(np.median(p[o[2]:o[3]]) - p[o[0]:o[1]].min())
+    return float(np.median(vals)) if vals else np.nan
