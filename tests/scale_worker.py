@@ -10,6 +10,9 @@ Modes (each prints one JSON line on success and exits non-zero with the reason o
     reshard DATA WD    8 devices: save on 8, restore on 8, 4 and 1: bitwise the same values.
     reference DATA OUT 4 devices, one process, fed the batches two processes would read:
                        the reference for the 2-process x 2-device run.
+    sampler            8 devices: the sampler with parameters sharded over them (fsdp) and
+                       replicated on them (data parallel) against one device, from perturbed
+                       weights: the same images, and the shards really are 1/8 of a weight.
     one_per_shard      8 devices: the model's forward with ONE example per batch shard on
                        (data=2, fsdp=2, tensor=2) against one device (the open discrepancy in
                        BUILD_NOTES: prints the deviation per example).
@@ -18,7 +21,8 @@ import os
 import sys
 
 if __name__ == "__main__":
-    _DEVICES = {"sharded": 8, "reshard": 8, "reference": 4, "one_per_shard": 8}[sys.argv[1]]
+    _DEVICES = {"sharded": 8, "reshard": 8, "reference": 4, "one_per_shard": 8,
+                "sampler": 8}[sys.argv[1]]
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_DEVICES}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -310,6 +314,35 @@ def one_per_shard():
     print(json.dumps({"ok": bool(dev.max() < 1e-5), "max_abs_diff_per_example": dev.tolist()}))
 
 
+def sampler():
+    """Sampler(shard="fsdp") and Sampler(shard="replicated") over 8 devices vs 1 device."""
+    from cxr_rf import conditioning, sample
+    cfg = tiny_config()
+    cfg.model.width = 64                  # divisible by 8 devices along every sharded axis
+    cfg.sample.update(steps=3, cfg=3.0)
+    conds = [conditioning.Conditions.parse(f, sex=s, age=a, view=v) for f, s, a, v in (
+        ("Cardiomegaly", "F", 70, "PA"), ("", "M", 30, "AP"), ("Pleural Effusion", "M", 60, "AP"))]
+    seeds = [1, 2, 3]
+    one = sample.Sampler(cfg, devices=jax.devices()[:1], batch_size=8)
+    boxed = sample.abstract_params(one.model, 16)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                          nn.unbox(boxed))
+    want = one.generate(params, conds, seeds)
+    out = {"ok": True}
+    for mode in ("fsdp", "replicated"):
+        s = sample.Sampler(cfg, shard=mode, batch_size=8)
+        placed = jax.device_put(params, s.param_shardings)
+        kernel = placed["blocks"]["x_mlp"]["fc1"]["kernel"]
+        shard_frac = kernel.addressable_shards[0].data.size / kernel.size
+        got = s.generate(placed, conds, seeds)
+        diff = float(np.abs(got - want).max())
+        out[mode] = {"max_abs_diff": diff, "kernel_shard_fraction": shard_frac,
+                     "devices": len(s.mesh.devices.flat)}
+        out["ok"] &= diff < 1e-4 and shard_frac == (1 / 8 if mode == "fsdp" else 1.0)
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     {"sharded": sharded, "reshard": reshard, "reference": reference,
-     "one_per_shard": one_per_shard}[sys.argv[1]](*sys.argv[2:])
+     "one_per_shard": one_per_shard, "sampler": sampler}[sys.argv[1]](*sys.argv[2:])

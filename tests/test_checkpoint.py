@@ -4,6 +4,7 @@ Orbax decodes a checkpoint whose array bytes were altered (bit rot, a bad copy b
 buckets) without complaint; the fingerprints saved with it are what catch that. The bit flips
 here go into the middle of the largest data file of the state, i.e. into array data.
 """
+import json
 import logging
 import os
 import shutil
@@ -177,11 +178,20 @@ def test_bit_flipped_checkpoint_is_refused_by_sample_and_skipped_loudly_on_resum
     raw.close()
     assert sum(int((a != b).sum()) for a, b in zip(saved[2], _leaves(silently))) >= 1
 
-    # sample (checkpoint.restore_params) refuses it, in one line naming the step and the array.
-    with pytest.raises(checkpoint.RestoreError,
-                       match=r"^step 2 in \S+: array \S+ does not match its fingerprint") as e:
-        sample.load(wd)
-    assert "\n" not in str(e.value)
+    # sample reads only the EMA arrays (checkpoint.restore_field): it refuses the checkpoint,
+    # in one line naming the step and the array, when the flip hit the EMA, and otherwise
+    # restores the saved EMA exactly.
+    ema = [i for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(silently)[0])
+           if "ema_params" in jax.tree_util.keystr(p)]
+    hit_ema = any((saved[2][i] != _leaves(silently)[i]).any() for i in ema)
+    if hit_ema:
+        with pytest.raises(checkpoint.RestoreError,
+                           match=r"^step 2 in \S+: array \S+ does not match its fingerprint"):
+            sample.load(wd)
+    else:
+        params = sample.load(wd)[2]
+        for i, leaf in zip(ema, jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(saved[2][i], np.asarray(leaf))
 
     # A resumed run (train.run's restore) takes the loud fallback to step 1 and sets 2 aside.
     stages = trainer_lib.Stages(c, config.stages(c), c.data.dir)
@@ -198,6 +208,16 @@ def test_bit_flipped_checkpoint_is_refused_by_sample_and_skipped_loudly_on_resum
     assert start == 1 and (wd / "checkpoints" / "2.unreadable").exists()
     for a, b in zip(saved[1], _leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
+    # An EMA array that does not match its saved fingerprint is refused, always.
+    prints_file = wd / "checkpoints" / "1" / checkpoint.FINGERPRINT / "metadata"
+    prints = json.loads(prints_file.read_text())
+    name = next(k for k in prints["arrays"] if k.startswith("ema_params/"))
+    prints["arrays"][name] = "0" * 16
+    prints_file.write_text(json.dumps(prints))
+    with pytest.raises(checkpoint.RestoreError,
+                       match=rf"^step 1 in \S+: array {name} does not match its fingerprint") as e:
+        sample.load(wd, step=1)
+    assert "\n" not in str(e.value)
 
 
 def test_altered_iterator_position_is_unreadable_and_old_checkpoints_restore_unverified(

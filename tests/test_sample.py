@@ -223,3 +223,27 @@ def test_runs_of_another_token_layout_are_refused(tmp_path):
     assert "\n" not in msg
     with pytest.raises(errors.UserError, match="condition-token layout 1"):
         trainer.check_resumable(_cfg(), tmp_path)
+
+
+def test_unlisted_defaults_and_warnings_follow_the_training_data(phantom_data):
+    """On the phantom every finding is mostly negative and the view is never LATERAL; on a
+    CheXpert-like mixture source unlisted findings default to unmentioned."""
+    from cxr_rf.data import stats
+    marginals = stats.training_marginals([(phantom_data(16), 1.0)])
+    assert stats.unlisted_defaults(marginals) == {f: conditioning.NEGATIVE
+                                                  for f in conditioning.FINDINGS}
+    asked = Conditions.parse("", sex="F", view="LATERAL", source="chexpert")
+    assert stats.unseen(asked.requested(), marginals) == ["view=LATERAL", "source=chexpert"]
+    never = {f for f, st in marginals["findings"].items() if st["uncertain"] == 0}
+    if never:                        # a small dataset: some finding is never uncertain
+        f = sorted(never)[0]
+        assert stats.unseen(Conditions.parse(f"{f}=uncertain").requested(), marginals) == [
+            f"{f}=uncertain"]
+    chexpert_like = {"findings": {f: {"unmentioned": 0.8, "positive": 0.1, "negative": 0.05,
+                                      "uncertain": 0.05} for f in conditioning.FINDINGS}}
+    chexpert_like["findings"]["No Finding"] = {"unmentioned": 0.1, "positive": 0.9,
+                                               "negative": 0.0, "uncertain": 0.0}
+    defaults = stats.unlisted_defaults(chexpert_like)
+    assert set(defaults.values()) == {conditioning.UNMENTIONED}   # No Finding: not "positive"
+    c = Conditions.parse("Cardiomegaly", unlisted=defaults)
+    assert c.describe()["findings"]["Edema"] == "unmentioned"

@@ -62,6 +62,13 @@ def test_8_device_mesh_equals_1_device_and_params_follow_rules():
     assert out["ok"] and out["params_checked"] > 50
 
 
+def test_sampler_sharded_or_replicated_over_8_devices_equals_1_device():
+    """The sampler for models that do not fit one device (parameters FSDP-sharded over the
+    local devices) and the data-parallel one give the single-device images."""
+    out = _last_json(_run([sys.executable, WORKER, "sampler"]).stdout)
+    assert out["ok"], out
+
+
 @pytest.mark.xfail(strict=True, reason="open: one example per batch shard on a (2,2,2) mesh "
                    "gives wrong outputs on two shards (BUILD_NOTES, Scale-out); strict, so a "
                    "fix shows up as XPASS and this marker must go", raises=AssertionError)
