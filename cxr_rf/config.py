@@ -96,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
     c.sample = s = ml_collections.ConfigDict()
     s.steps = 28
     s.cfg = 4.0
+    s.guidance = ""            # per-group scales over s.cfg, e.g. "findings=6" (sample.Guidance)
     s.method = "euler"         # "euler" or "heun"
     s.batch_size = 16          # images per sampler batch (python -m cxr_rf.sample --batch_size)
     s.grid = 8                 # images in the periodic training grid

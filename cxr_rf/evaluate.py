@@ -172,7 +172,8 @@ def control(cfg: ml_collections.ConfigDict, model, params, *, num: int = 48,
     s = cfg.sample
     steps = int(steps or s.steps)
     from cxr_rf import sample   # jax and the model: imported late, so the CLI fails fast
-    guidance = guidance or sample.Guidance(float(s.cfg if cfg_scale is None else cfg_scale))
+    guidance = guidance or sample.Guidance.parse(
+        float(s.cfg if cfg_scale is None else cfg_scale), s.get("guidance", ""))
     method = method or s.method
     resolution = int(cfg.data.resolution)
     if sampler is None:
@@ -322,8 +323,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.steps).")
     flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's "
                        "sample.cfg).")
-    flags.DEFINE_string("guidance", "", "Per-group guidance scales, group=scale,... (see "
-                        "python -m cxr_rf.sample --help); the other groups use --cfg.")
+    flags.DEFINE_string("guidance", None, "Per-group guidance scales, group=scale,... (see "
+                        "python -m cxr_rf.sample --help); the other groups use --cfg (default: "
+                        "the run's sample.guidance).")
     flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: the run's "
                       "sample.method).")
     flags.DEFINE_integer("seed", 0, "Image i of each group uses noise seed seed + i; also "
@@ -364,14 +366,11 @@ def main(argv):
     cli.output_dir(str(out), "--out")
     from cxr_rf import sample
     from cxr_rf.data import stats
-    guidance = None
-    if FLAGS.cfg is not None or FLAGS.guidance:
-        guidance = sample.Guidance.parse(FLAGS.cfg if FLAGS.cfg is not None else 4.0,
-                                         FLAGS.guidance)
-        guidance.chain()
+    sample.Guidance.parse(FLAGS.cfg or 0.0, FLAGS.guidance or "").chain()  # fail early
     cfg = sample.read_config(FLAGS.workdir)
-    if guidance is not None and FLAGS.cfg is None:     # per-group scales over the run's CFG
-        guidance = dataclasses.replace(guidance, scale=float(cfg.sample.cfg))
+    guidance = sample.Guidance.parse(
+        cfg.sample.cfg if FLAGS.cfg is None else FLAGS.cfg,
+        cfg.sample.get("guidance", "") if FLAGS.guidance is None else FLAGS.guidance)
     marginals = sample.training_defaults(cfg, FLAGS.workdir)
     unlisted = stats.unlisted_defaults(marginals) if marginals is not None else None
     sampler = sample.Sampler(cfg)

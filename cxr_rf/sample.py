@@ -2,7 +2,8 @@
 
     python -m cxr_rf.sample --workdir DIR [--step N] --num 8 \
         --findings "Cardiomegaly,Pleural Effusion" --sex F --age 70 --view PA \
-        --steps 28 --cfg 4.0 [--guidance "findings=5,demographics=2"] --seed 0 --out DIR
+        [--steps 28 --cfg 4.0 --method euler] [--guidance "findings=5,demographics=2"] \
+        --seed 0 --out DIR
 
 Restores only the EMA parameters of the run's checkpoint, replicated on every local device,
 or sharded over them (FSDP) when they do not fit one, and samples ``--num`` images in batches
@@ -205,13 +206,15 @@ class Sampler:
                  guidance: Guidance | None = None, method: str | None = None,
                  progress: bool = False) -> np.ndarray:
         """Images [N, R, R] in [-1, 1], one per (condition, seed) pair. Guidance is
-        ``guidance``, or plain CFG at ``cfg_scale`` (default: the run's ``sample.cfg``)."""
+        ``guidance``, else ``cfg_scale`` (default: the run's ``sample.cfg``) with the run's
+        per-group ``sample.guidance``."""
         if len(conditions) != len(seeds):
             raise ValueError(f"need one seed per condition, got {len(seeds)} for {len(conditions)}")
         if guidance is not None and cfg_scale is not None:
             raise ValueError("pass guidance or cfg_scale, not both")
         s = self.cfg.sample
-        guidance = guidance or Guidance(float(s.cfg if cfg_scale is None else cfg_scale))
+        guidance = guidance or Guidance.parse(float(s.cfg if cfg_scale is None else cfg_scale),
+                                              s.get("guidance", ""))
         shape = (self.resolution, self.resolution, self.cfg.model.in_channels)
         program = _program(self.model, self.fs, int(steps or s.steps), method or s.method, shape)
         params = jax.device_put(params, self.param_shardings)
@@ -297,12 +300,14 @@ def _define_flags() -> None:
     flags.DEFINE_string("source", None, f"One of {conditioning.SOURCES} (default: not specified).")
     flags.DEFINE_string("report", None, "Report text (runs with data.report_len > 0; default: "
                         "not specified).")
-    flags.DEFINE_integer("steps", 28, "ODE steps.")
-    flags.DEFINE_float("cfg", 4.0, "Classifier-free guidance scale (1 = none).")
-    flags.DEFINE_string("guidance", "", "Per-group guidance scales, group=scale,... (groups: "
+    flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.steps).")
+    flags.DEFINE_float("cfg", None, "Classifier-free guidance scale, 1 = none (default: the "
+                       "run's sample.cfg).")
+    flags.DEFINE_string("guidance", None, "Per-group guidance scales, group=scale,... (groups: "
                         f"{', '.join(conditioning.GROUPS + tuple(conditioning.GROUP_SETS))}); "
-                        "the others use --cfg.")
-    flags.DEFINE_enum("method", "euler", ["euler", "heun"], "ODE solver.")
+                        "the others use --cfg (default: the run's sample.guidance).")
+    flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: the run's "
+                      "sample.method).")
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
     flags.DEFINE_integer("batch_size", None, "Images per batch (default: the run's "
                          "sample.batch_size), rounded up to a multiple of the local devices.")
@@ -338,12 +343,15 @@ def main(argv):
                                f"{FLAGS.seed} + {FLAGS.num}")
     cli.input_dir(FLAGS.workdir, "--workdir")
     cli.output_dir(FLAGS.out, "--out")
-    guidance = Guidance.parse(FLAGS.cfg, FLAGS.guidance)
-    guidance.chain()
+    Guidance.parse(FLAGS.cfg or 0.0, FLAGS.guidance or "").chain()  # bad scales fail early
     kwargs = dict(sex=FLAGS.sex, age=_age(FLAGS.age), race=FLAGS.race, view=FLAGS.view,
                   source=FLAGS.source, report=FLAGS.report)
     Conditions.parse(FLAGS.findings, **kwargs)        # bad conditions fail before the restore
     cfg = read_config(FLAGS.workdir)
+    s = cfg.sample
+    steps, method = FLAGS.steps or s.steps, FLAGS.method or s.method
+    guidance = Guidance.parse(s.cfg if FLAGS.cfg is None else FLAGS.cfg,
+                              s.get("guidance", "") if FLAGS.guidance is None else FLAGS.guidance)
     if FLAGS.report is not None and not cfg.data.report_len:
         raise errors.UserError(f"--report needs a run trained with reports (data.report_len > 0); "
                                f"{FLAGS.workdir} has report_len 0")
@@ -356,15 +364,15 @@ def main(argv):
     sampler = Sampler(cfg, shard=FLAGS.shard, batch_size=FLAGS.batch_size)
     params, step = sampler.restore(FLAGS.workdir, FLAGS.step)
     seeds = [FLAGS.seed + i for i in range(FLAGS.num)]
-    images = sampler.generate(params, [cond] * len(seeds), seeds, steps=FLAGS.steps,
-                              guidance=guidance, method=FLAGS.method, progress=True)
+    images = sampler.generate(params, [cond] * len(seeds), seeds, steps=steps,
+                              guidance=guidance, method=method, progress=True)
     out = epath.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (seed, img) in enumerate(zip(seeds, images)):
         name = f"{i:04d}.png"
         outputs.write_png(out / name, img, bits=int(FLAGS.bits))
-        rows.append({"file": name, "seed": seed, "steps": FLAGS.steps, "method": FLAGS.method,
+        rows.append({"file": name, "seed": seed, "steps": steps, "method": method,
                      **guidance.describe(), "checkpoint_step": step,
                      "workdir": str(FLAGS.workdir), "conditions": cond.describe()})
     with (out / "grid.png").open("wb") as f:
