@@ -76,6 +76,13 @@ def make_mimic(root: str) -> str:
         ("d6", "10000935", "51178377", "PA", "21700101", True),    # D: reject, label 2.0
         ("d7", "10000764", "58000000", "PA", "21500101", True),    # B: reject, listed as test
         ("d8", "11000011", "59000000", "AP", "", True),            # E: no MIMIC-IV rows
+        # A: the rarer ViewPosition codes of the real table (items, the patient's split)
+        ("d9", "10000032", "53189527", "AP AXIAL", "21820101", True),
+        ("d10", "10000032", "53189527", "PA LLD", "21820101", True),
+        ("d11", "10000032", "53189527", "XTABLE LATERAL", "21820101", True),
+        ("d12", "10000032", "53189527", "LAO", "21820101", True),
+        ("d13", "10000032", "53189527", "SWIMMERS", "21820101", True),
+        ("d14", "10000032", "53189527", "AP RLD", "21820101", True),
     ]
     rows = []
     for dcm, sub, st, view, date, write in meta:
@@ -121,9 +128,8 @@ def make_mimic(root: str) -> str:
 CHEXPERT_H = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + list(FINDINGS)
 
 
-def make_chexpert(root: str) -> str:
-    d = os.path.join(root, "CheXpert-v1.0-small")
-    p = "CheXpert-v1.0-small/"
+def _chexpert_rows(p: str) -> tuple[list[dict], list[dict]]:
+    """train.csv and valid.csv rows whose Path starts with the release folder ``p``."""
     train = [
         {"Path": p + "train/patient00001/study1/view1_frontal.jpg", "Sex": "Female", "Age": "68",
          "Frontal/Lateral": "Frontal", "AP/PA": "AP", "Support Devices": "1.0", "Pleural Effusion": "-1.0",
@@ -143,19 +149,71 @@ def make_chexpert(root: str) -> str:
         {"Path": p + "valid/patient00002/study1/view1_frontal.jpg", "Sex": "Male", "Age": "40",
          "Frontal/Lateral": "Frontal", "AP/PA": "PA"},                 # reject: patient also in train
     ]
+    return train, valid
+
+
+CHEXPERT_PLUS_H = ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
+                   "section_findings", "section_impression", "age", "sex", "race"]
+CHEXPERT_PLUS_ROWS = [
+    {"path_to_image": "train/patient00001/study1/view1_frontal.jpg",
+     "section_findings": "Lines and tubes\nin place.", "section_impression": "Possible effusion.",
+     "race": "White, non-Hispanic"},
+    {"path_to_image": "valid/patient64541/study1/view1_frontal.jpg",
+     "section_impression": "Mild edema.", "race": "Black or African American"},
+]
+
+
+def make_chexpert(root: str) -> str:
+    """The -small (Kaggle) copy: ``CheXpert-v1.0-small/{train.csv, valid.csv, train/, valid/}``."""
+    d = os.path.join(root, "CheXpert-v1.0-small")
+    train, valid = _chexpert_rows("CheXpert-v1.0-small/")
     write_csv(os.path.join(d, "train.csv"), CHEXPERT_H, train)
     write_csv(os.path.join(d, "valid.csv"), CHEXPERT_H, valid)
     for r in train[:4] + valid:
         image(os.path.join(root, r["Path"]), "jpeg")
-    write_csv(os.path.join(d, "df_chexpert_plus_240401.csv"),
-              ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
-               "section_findings", "section_impression", "race"],
-              [{"path_to_image": "train/patient00001/study1/view1_frontal.jpg",
-                "section_findings": "Lines and tubes\nin place.", "section_impression": "Possible effusion.",
-                "race": "White, non-Hispanic"},
-               {"path_to_image": "valid/patient64541/study1/view1_frontal.jpg",
-                "section_impression": "Mild edema.", "race": "Black or African American"}])
+    write_csv(os.path.join(d, "df_chexpert_plus_240401.csv"), CHEXPERT_PLUS_H, CHEXPERT_PLUS_ROWS)
     return d
+
+
+CHEXPERT_BATCHES = {"patient00001": "CheXpert-v1.0 batch 2 (train 1)",
+                    "patient00002": "CheXpert-v1.0 batch 3 (train 2)",
+                    "patient00003": "CheXpert-v1.0 batch 3 (train 2)",
+                    "patient00005": "CheXpert-v1.0 batch 4 (train 3)",
+                    "patient00006": "CheXpert-v1.0 batch 4 (train 3)"}
+CHEXPERT_BATCH1 = "CheXpert-v1.0 batch 1 (validate & csv)"  # assumed name (the reference names 2-4)
+
+
+def make_chexpert_full(root: str, csv_at_root: bool = False) -> str:
+    """The full Stanford AIMI release: training images in ``CheXpert-v1.0 batch N (train M)/patient.../``
+    (no ``train/`` folder), validation images in ``valid/`` of batch 1; CSV Paths still read
+    ``CheXpert-v1.0/train/...``. The CSVs sit in batch 1 (returned as the input), or with
+    ``csv_at_root`` beside the batch folders (the root is the input). CheXpert-Plus lists three
+    images no CSV row has: patient00005 (a JPEG in batch 4), patient00006 (only its PNG exists),
+    patient00007 (missing), plus a row for a validation patient under train/ and an unparseable path.
+    """
+    d = os.path.join(root, "chexpertchestxrays-u20210408")
+    train, valid = _chexpert_rows("CheXpert-v1.0/")
+    csv_dir = d if csv_at_root else os.path.join(d, CHEXPERT_BATCH1)
+    write_csv(os.path.join(csv_dir, "train.csv"), CHEXPERT_H, train)
+    write_csv(os.path.join(csv_dir, "valid.csv"), CHEXPERT_H, valid)
+    for r in train[:4]:
+        patient, study, view = r["Path"].split("/")[2:]
+        image(os.path.join(d, CHEXPERT_BATCHES[patient], patient, study, view), "jpeg")
+    for r in valid:
+        image(os.path.join(d, CHEXPERT_BATCH1, *r["Path"].split("/")[1:]), "jpeg")
+    image(os.path.join(d, CHEXPERT_BATCHES["patient00005"], "patient00005/study1/view1_frontal.jpg"), "jpeg")
+    image(os.path.join(d, CHEXPERT_BATCHES["patient00006"], "patient00006/study1/view1_frontal.png"), "png8")
+    plus = CHEXPERT_PLUS_ROWS + [
+        {"path_to_image": "train/patient00005/study1/view1_frontal.jpg", "frontal_lateral": "Frontal",
+         "ap_pa": "PA", "age": "61", "sex": "Female", "section_impression": "Clear.", "race": "Asian"},
+        {"path_to_image": "train/patient00006/study1/view1_frontal.jpg", "frontal_lateral": "Lateral",
+         "age": "0", "sex": "Male"},
+        {"path_to_image": "train/patient00007/study1/view1_frontal.jpg"},    # reject: no image
+        {"path_to_image": "train/patient64541/study9/view1_frontal.jpg"},    # reject: validation patient
+        {"path_to_image": "somewhere/else.jpg"},                             # reject: unparseable
+    ]
+    write_csv(os.path.join(csv_dir, "df_chexpert_plus_240401.csv"), CHEXPERT_PLUS_H, plus)
+    return csv_dir
 
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -216,16 +274,29 @@ PADCHEST_ROWS = [  # image, dir, date, study, patient, birth, sex, projection, l
 ]
 
 
-def make_padchest(root: str) -> str:
+PADCHEST_MONOCHROME1 = ("i3.png",)  # rows whose PhotometricInterpretation_DICOM is MONOCHROME1
+
+
+def padchest_png(path: str, seed: int) -> str:
+    """A PadChest-like 16-bit PNG: 12-bit values (300..4095), i.e. only part of the 16-bit range."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(300, 4096, (SIZE, SIZE)).astype(np.uint16)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_padchest(root: str, flat: bool = False) -> str:
+    """The release: one folder per ImageDir, or (``flat``) every PNG in one folder, as mirrors ship it."""
     d = os.path.join(root, "PADCHEST")
     rows = []
     for n, (img, folder, date, st, pat, birth, sex, proj, labels) in enumerate(PADCHEST_ROWS):
         rows.append({"": str(n), "ImageID": img, "ImageDir": folder, "StudyDate_DICOM": date, "StudyID": st,
                      "PatientID": pat, "PatientBirth": birth, "PatientSex_DICOM": sex, "Projection": proj,
                      "Labels": labels, "BitsStored_DICOM": "12", "Report": " derrame  pleural ",
-                     "MethodLabel": "Physician"})
+                     "PhotometricInterpretation_DICOM": "MONOCHROME1" if img in PADCHEST_MONOCHROME1
+                     else "MONOCHROME2", "MethodLabel": "Physician"})
         if img != "i7.png":
-            image(os.path.join(d, folder, img), "png16", n)
+            padchest_png(os.path.join(d, img) if flat else os.path.join(d, folder, img), n)
     write_csv(os.path.join(d, "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"), PADCHEST_H, rows,
               gz=True)
     return d
@@ -256,13 +327,34 @@ def make_vindr(root: str) -> str:
         row("imgC", "R1", Edema="2"),                     # reject this row; imgC keeps 2 readers
         row("imgC", "R2", **{"Nodule/Mass": "1"}), row("imgC", "R3"),
         row("imgD", "R1"), row("imgD", "R2"), row("imgD", "R3"),  # reject: no DICOM
+        # F: consolidation and cardiomegaly 2/3: their parents (Lung Opacity, Enlarged
+        # Cardiomediastinum) were not ticked but stay unmentioned, not negative.
+        row("imgF", "R1", Consolidation="1", Cardiomegaly="1"), row("imgF", "R2", Consolidation="1",
+                                                                    Cardiomegaly="1"),
+        row("imgF", "R3", No_finding="1"),
+        # G: 2 of 3 say No finding, 1 pneumonia: No Finding uncertain; Consolidation and Lung
+        # Opacity (parents of pneumonia) unmentioned.
+        row("imgG", "R1", No_finding="1"), row("imgG", "R2", No_finding="1"), row("imgG", "R3", Pneumonia="1"),
     ]
     test = [row("imgE", Pneumothorax="1.0"), row("imgA")]  # imgA: reject, already in train
     write_csv(os.path.join(d, "annotations", "image_labels_train.csv"), train_h, train)
     write_csv(os.path.join(d, "annotations", "image_labels_test.csv"), test_h, test)
-    for i, name in enumerate(["train/imgA", "train/imgB", "train/imgC", "test/imgE", "test/imgA"]):
+    for i, name in enumerate(["train/imgA", "train/imgB", "train/imgC", "test/imgA", "train/imgF",
+                              "train/imgG"]):
         image(os.path.join(d, name + ".dicom"), "dicom", i)
+    vindr_dicom(os.path.join(d, "test", "imgE.dicom"))
     return d
+
+
+VINDR_VALUES = np.arange(SIZE * SIZE, dtype=np.int64).reshape(SIZE, SIZE) * 1000 + 500  # 500..63500
+
+
+def vindr_dicom(path: str) -> None:
+    """A VinDr-CXR file as released: JPEG 2000, MONOCHROME1, BitsStored 12, values using 16 bits."""
+    from dicom_fixtures import write_dicom
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_dicom(path, VINDR_VALUES, photometric="MONOCHROME1", bits_stored=12, j2k=True,
+                PatientID="", PatientSex="F", PatientAge="045Y", Modality="DX")
 
 
 def make_brax(root: str) -> str:
@@ -281,9 +373,11 @@ def make_brax(root: str) -> str:
          "ViewPosition": "PA", "Fracture": "yes"},                                # reject: label
         {"PngPath": "images/id_4/a.png", "DicomPath": "Anonymized_DICOMs/id_4/a.dcm", "PatientID": "id_4",
          "PatientSex": "F", "PatientAge": "40", "ViewPosition": "PA"},            # reject: no image
+        {"PngPath": "images/id_5/a.png", "PatientID": "id_5", "AccessionNumber": "acc5", "PatientSex": "F",
+         "PatientAge": "60", "ViewPosition": "PA", "Atelectasis": "1.0"},         # item, band 60-64
     ]
     write_csv(os.path.join(d, "master_spreadsheet_update.csv"), h, rows)
-    for p in ("images/id_1/Study_1/a.png", "images/id_1/Study_1/b.png", "images/id_3/a.png"):
+    for p in ("images/id_1/Study_1/a.png", "images/id_1/Study_1/b.png", "images/id_3/a.png", "images/id_5/a.png"):
         image(os.path.join(d, p), "png8")
     image(os.path.join(d, "Anonymized_DICOMs/id_2/Study_1/Series_1/image-1.dcm"), "dicom")
     return d
@@ -293,30 +387,60 @@ def _rex_path(pat: str, study: str, sop: str) -> str:
     return f"../deid_png/{pat}/A{pat}/studies/{study}/series/{study}.9/instances/{sop}.png"
 
 
+REX_CSV_H = ["id", "PatientID", "PatientAge", "PatientSex", "StudyDate", "StudyInstanceUid",
+             "InstitutionName", "Indication", "Comparison", "Findings", "Impression"]
+
+
+def _rex_entry(pat: str, study: str, sops: list[str], views: list | None, **fields) -> dict:
+    """One study of ``*_metadata_view_position.json``: study fields + parallel per-image lists."""
+    entry = {"PatientID": pat, "StudyInstanceUid": study, **fields,
+             "ImagePath": [_rex_path(pat, study, s) for s in sops]}
+    if views is not None:
+        entry["ImageViewPosition"] = views
+    return entry
+
+
 def make_rexgradient(root: str) -> str:
+    """The real release: per-STUDY CSVs (no image path) + per-split view-position JSON of image lists."""
+    import json
     d = os.path.join(root, "ReXGradient-160K")
-    h = ["ImagePath", "PatientID", "PatientSex", "PatientAge", "StudyDate", "StudyInstanceUid",
-         "ImageViewPosition", "InstitutionName", "Indication", "Comparison", "Findings", "Impression"]
-    train = [
-        {"ImagePath": _rex_path("GRDN1", "1.2.3", "1.2.3.1"), "PatientID": "GRDN1", "PatientSex": "M",
-         "PatientAge": "014Y", "StudyInstanceUid": "1.2.3", "ImageViewPosition": "POSTERO_ANTERIOR",
-         "InstitutionName": "SiteA", "Findings": "Lungs clear.", "Impression": "Normal chest."},  # item
-        {"ImagePath": _rex_path("GRDN1", "1.2.3", "1.2.3.2"), "PatientID": "GRDN1", "PatientSex": "M",
-         "PatientAge": "014Y", "StudyInstanceUid": "1.2.3", "ImageViewPosition": "LATERAL"},  # item
-        {"ImagePath": _rex_path("GRDN1", "1.2.3", "1.2.3.3"), "PatientID": "GRDN1", "PatientSex": "M",
-         "PatientAge": "014Y", "ImageViewPosition": "PA"},                           # reject: no image
+    meta = os.path.join(d, "metadata")
+    train = [  # study rows
+        {"id": "GRDN1_AGRDN1_1.2.3", "PatientID": "GRDN1", "PatientSex": "M", "PatientAge": "014Y",
+         "StudyInstanceUid": "1.2.3", "InstitutionName": "SiteA", "Findings": "Lungs clear.",
+         "Impression": "Normal chest."},     # 3 images: PA, LATERAL, and a missing file (reject)
+        {"id": "GRDN4_AGRDN4_4.4", "PatientID": "GRDN4", "PatientSex": "F", "PatientAge": "040Y",
+         "StudyInstanceUid": "4.4"},         # reject: no JSON entry, so no image paths
     ]
-    valid = [{"ImagePath": _rex_path("GRDN2", "7.7", "7.7.1"), "PatientID": "GRDN2", "PatientSex": "F",
-              "PatientAge": "070Y", "ImageViewPosition": "ANTERO_POSTERIOR", "Impression": "Edema."}]
-    test = [{"ImagePath": _rex_path("GRDN3", "8.8", "8.8.1"), "PatientID": "GRDN3", "PatientSex": "F",
-             "PatientAge": "", "ImageViewPosition": "SUPINE", "Cardiomegaly": "1.0"},  # item, labelled
-            {"ImagePath": _rex_path("GRDN1", "9.9", "9.9.1"), "PatientID": "GRDN1", "PatientSex": "M",
-             "PatientAge": "015Y", "ImageViewPosition": "PA"}]                       # reject: in train
-    write_csv(os.path.join(d, "metadata", "train_metadata.csv"), h, train)
-    write_csv(os.path.join(d, "metadata", "valid_metadata.csv"), h, valid)
-    write_csv(os.path.join(d, "metadata", "test_metadata.csv"), h + list(FINDINGS), test, gz=True)
-    for r in train[:2] + valid + test:
-        image(os.path.join(d, r["ImagePath"].replace("../", "")), "png8")
+    train_json = {
+        "GRDN1_AGRDN1_1.2.3": _rex_entry("GRDN1", "1.2.3", ["1.2.3.1", "1.2.3.2", "1.2.3.3"],
+                                         ["POSTERO_ANTERIOR", "LATERAL", "PA"], PatientSex="M"),
+        # only in the JSON: study fields from the entry itself; view list null -> unknown
+        "GRDN5_AGRDN5_5.5": _rex_entry("GRDN5", "5.5", ["5.5.1"], [None], PatientSex="F",
+                                       PatientAge="030Y", Impression="Small effusion."),
+        "GRDN6_AGRDN6_6.6": {"PatientID": "GRDN6", "ImagePath": "not a list"},   # reject
+    }
+    valid = [{"id": "GRDN2_AGRDN2_7.7", "PatientID": "GRDN2", "PatientSex": "F", "PatientAge": "070Y",
+              "StudyInstanceUid": "7.7", "Impression": "Edema."}]
+    valid_json = {"GRDN2_AGRDN2_7.7": _rex_entry("GRDN2", "7.7", ["7.7.1"], ["ANTERO_POSTERIOR"])}
+    # test: no id column (joined on StudyInstanceUid), labelled, gzipped
+    test = [{"PatientID": "GRDN3", "PatientSex": "F", "PatientAge": "", "StudyInstanceUid": "8.8",
+             "Cardiomegaly": "1.0"},                                              # item, labelled
+            {"PatientID": "GRDN1", "PatientSex": "M", "PatientAge": "015Y",
+             "StudyInstanceUid": "9.9"}]                                          # reject: in train
+    test_json = {"k1": _rex_entry("GRDN3", "8.8", ["8.8.1"], ["SUPINE"]),
+                 "k2": _rex_entry("GRDN1", "9.9", ["9.9.1"], ["PA"])}
+    write_csv(os.path.join(meta, "train_metadata.csv"), REX_CSV_H, train)
+    write_csv(os.path.join(meta, "valid_metadata.csv"), REX_CSV_H, valid)
+    write_csv(os.path.join(meta, "test_metadata.csv"), REX_CSV_H[1:] + list(FINDINGS), test, gz=True)
+    for name, data in (("train", train_json), ("valid", valid_json), ("test", test_json)):
+        with open(os.path.join(meta, f"{name}_metadata_view_position.json"), "w") as f:
+            json.dump(data, f)
+    for data in (train_json, valid_json, test_json):
+        for entry in data.values():
+            for rel in entry["ImagePath"] if isinstance(entry["ImagePath"], list) else ():
+                if not rel.endswith("1.2.3.3.png"):
+                    image(os.path.normpath(os.path.join(meta, rel)), "png8")
     return d
 
 
@@ -346,11 +470,21 @@ def make_openi(root: str) -> str:
                             "</automatic><automatic>Thickening/pleura/apex</automatic>",
                             ["CXR2_1_IM-0652-1001", "CXR2_1_IM-0652-2001"], impression="Small effusion."),
         "3.xml": "<eCitation><uId id='CXR3'>",                         # reject: malformed
+        # MeSH variants of the real automatic terms
+        "4.xml": _openi_xml("CXR4", "<major>Pulmonary Congestion/mild</major><automatic>Pleural Effusions"
+                            "</automatic><major>Infiltrates/lung/base</major>", ["CXR4_1_IM-2000-1001"]),
+        "5.xml": _openi_xml("CXR5", "<major>Effusion/left</major><major>Pleural Thickening/right/apex</major>",
+                            ["CXR5_2_IM-2001-2001"]),
         "10.xml": _openi_xml("CXR10", "<major>No Indexing</major>", []),  # skipped: no images
     }
     for name, text in docs.items():
         with open(os.path.join(xml, name), "w") as f:
             f.write(text)
-    for img in ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_1_IM-0652-1001"):
+    for img in ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_1_IM-0652-1001", "CXR4_1_IM-2000-1001",
+                "CXR5_2_IM-2001-2001"):
         image(os.path.join(d, "NLMCXR_png", img + ".png"), "png8")
+    # Optional per-image view table derived from the NLMCXR DICOMs (uid, filename, projection).
+    write_csv(os.path.join(d, "indiana_projections.csv"), ["uid", "filename", "projection"], [
+        ["1", "1_IM-0001-4001.dcm.png", "Frontal"], ["1", "1_IM-0001-3001.dcm.png", "Lateral"],
+        ["4", "4_IM-2000-1001.dcm.png", "Lateral"], ["9", "not-an-image-name", "Lateral"]])
     return d

@@ -112,6 +112,68 @@ def test_voi_lut_sequence_uses_the_lut_range(tmp_path):
     assert np.array_equal(out, np.rint(lut[v] / lut.max() * 65535).astype(np.uint16))
 
 
+def _min_max(v):
+    v = np.asarray(v, np.float64)
+    return np.rint((v - v.min()) / (v.max() - v.min()) * 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_jpeg2000_values_beyond_bits_stored_are_kept(tmp_path, photometric):
+    """VinDr-CXR: JPEG 2000 with BitsStored 12 whose decoded values use 16 bits are not wrapped."""
+    v = np.arange(256, dtype=np.int64).reshape(16, 16) * 250 + 17  # 17..63767: needs 16 bits
+    f = write_dicom(tmp_path / "v.dicom", v, photometric=photometric, bits_stored=12, j2k=True)
+    ds = pydicom.dcmread(f)
+    assert ds.file_meta.TransferSyntaxUID.is_encapsulated and ds.BitsStored == 12
+    assert ds.pixel_array.max() > 4095  # the codestream really holds 16-bit values
+    out = imaging.read(f)
+    want = _min_max(v) if photometric == "MONOCHROME2" else 65535 - _min_max(v)
+    assert np.array_equal(out, want)  # monotonic in the stored values, nothing wrapped
+
+
+def test_jpeg2000_signed_beyond_bits_stored_kept_and_fitting_values_unchanged(tmp_path):
+    wide = np.arange(-128, 128, dtype=np.int64).reshape(16, 16) * 200  # -25600..25400 > 12-bit signed
+    out = imaging.read(write_dicom(tmp_path / "w.dcm", wide, bits_stored=12, signed=True, j2k=True))
+    assert np.array_equal(out, _min_max(wide))
+    # Values that fit BitsStored decode exactly as the uncompressed twin does.
+    for signed, v in ((True, np.arange(-2048, 2048, 16).reshape(16, 16)),
+                      (False, np.arange(0, 4096, 16).reshape(16, 16))):
+        j2k = imaging.read(write_dicom(tmp_path / "j.dcm", v, bits_stored=12, signed=signed, j2k=True))
+        native = imaging.read(write_dicom(tmp_path / "n.dcm", v, bits_stored=12, signed=signed))
+        assert np.array_equal(j2k, native) and np.array_equal(j2k, _min_max(v)), signed
+
+
+def test_native_overlay_bits_above_bits_stored_are_masked(tmp_path):
+    """Uncompressed data with an embedded overlay plane in bit 12: the overlay never shows."""
+    v = np.arange(256, dtype=np.uint16).reshape(16, 16) * 16  # 0..4080, 12 bits
+    overlay = np.zeros((16, 16), bool)
+    overlay[4:8, 2:14] = True  # a burned-in "text" box
+    raw = (v | (overlay.astype(np.uint16) << 12)).astype("<u2").tobytes()
+    f = write_dicom(tmp_path / "o.dcm", v, bits_stored=12, raw=raw)
+    ds = pydicom.dcmread(f)
+    ds.add_new(0x60000010, "US", 16)           # OverlayRows
+    ds.add_new(0x60000011, "US", 16)           # OverlayColumns
+    ds.add_new(0x60000040, "CS", "G")          # OverlayType
+    ds.add_new(0x60000100, "US", 16)           # OverlayBitsAllocated: embedded in PixelData
+    ds.add_new(0x60000102, "US", 12)           # OverlayBitPosition
+    ds.save_as(f)
+    assert np.frombuffer(pydicom.dcmread(f).PixelData, "<u2").max() > 4095  # the overlay is there
+    assert np.array_equal(imaging.read(f), _min_max(v))
+
+
+def test_stored_bits_rules():
+    sb = imaging._stored_bits
+    junk = np.array([[0xA000 | 5, 7]], np.uint16)
+    assert sb(junk, 12, False).tolist() == [[5, 7]]                  # native: always masked
+    assert sb(junk, 12, False, decoded=True).tolist() == [[0xA005, 7]]  # decoded: kept
+    patterns = np.array([[0xFFF, 0x800, 1]], np.uint16)              # 12-bit two's complement
+    assert sb(patterns, 12, True, decoded=True).tolist() == [[-1, -2048, 1]]
+    extended = np.array([[-2048, 2047, 0]], np.int16)
+    assert sb(extended, 12, True, decoded=True).tolist() == [[-2048, 2047, 0]]
+    mixed = np.array([[-5, 3000]], np.int16)                         # sign-extended and > 2047
+    assert sb(mixed, 12, True, decoded=True).tolist() == [[-5, 3000]]
+    assert sb(np.array([[70000]], np.uint32), 0, False).tolist() == [[70000]]  # no BitsStored
+
+
 def test_burned_in_annotation_is_rejected(tmp_path):
     f = write_dicom(tmp_path / "b.dcm", np.zeros((16, 16), np.uint16), BurnedInAnnotation="YES")
     with pytest.raises(ImageError, match="BurnedInAnnotation"):

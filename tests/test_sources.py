@@ -108,7 +108,8 @@ def test_mimic(tmp_path):
     items, rejects = run("mimic_cxr_jpg", fx.make_mimic(str(tmp_path)))
     check_common("mimic_cxr_jpg", items)
     it = by_name(items)
-    assert sorted(it) == ["d1.jpg", "d2.jpg", "d3.jpg", "d4.jpg", "d8.jpg"], reasons(rejects)
+    assert sorted(it) == ["d1.jpg", "d10.jpg", "d11.jpg", "d12.jpg", "d13.jpg", "d14.jpg", "d2.jpg", "d3.jpg",
+                          "d4.jpg", "d8.jpg", "d9.jpg"], reasons(rejects)
     assert len(rejects) == 3
     assert any(r.path.endswith("d5.jpg") and "not found" in r.reason for r in rejects)
     assert any("row 3" in r.reason and "Cardiomegaly='2.0'" in r.reason for r in rejects)
@@ -128,6 +129,11 @@ def test_mimic(tmp_path):
     assert d4.report == "No acute cardiopulmonary process."
     d8 = it["d8.jpg"]
     assert (d8.sex, d8.age, d8.race, d8.split) == ("unknown", -1.0, "unknown", "train")
+    # Rarer codes: AP-ish -> AP, PA-ish -> PA, laterals -> LATERAL, obliques -> unknown.
+    views = {n: it[n + ".jpg"].view for n in ("d9", "d10", "d11", "d12", "d13", "d14")}
+    assert views == {"d9": "AP", "d10": "PA", "d11": "LATERAL", "d12": "unknown", "d13": "LATERAL",
+                     "d14": "AP"}
+    assert all(it[n + ".jpg"].split == "train" for n in views)
 
 
 def test_mimic_without_optional_tables(tmp_path):
@@ -154,6 +160,49 @@ def test_chexpert(tmp_path):
     assert (c.age, c.sex, c.view) == (-1.0, "M", "PA")  # Age 0 means missing
     states(v, **{f.replace(" ", "_"): N for f in cond.FINDINGS if f != "Edema"}, Edema=P)
     assert (v.split, v.race, v.report) == ("validation", "Black", "IMPRESSION: Mild edema.")
+
+
+@pytest.mark.parametrize("csv_at_root", [False, True])
+def test_chexpert_full_release(tmp_path, csv_at_root):
+    """Stanford AIMI layout: batch folders, no train/ folder; Plus-only images are read too."""
+    d = fx.make_chexpert_full(str(tmp_path), csv_at_root=csv_at_root)
+    items, rejects = run("chexpert", d)
+    check_common("chexpert", items)
+    text = reasons(rejects)
+    assert len(items) == 6 and len(rejects) == 6, text
+    a, b, c, v, p5, p6 = items
+    assert "batch 2 (train 1)" in a.path and "batch 3 (train 2)" in c.path and "/valid/" in v.path
+    # Same labels and Plus join as the -small copy.
+    states(a, Cardiomegaly=N, Pleural_Effusion=U, Support_Devices=P)
+    assert (a.split, a.sex, a.age, a.view, a.race) == ("train", "F", 68.0, "AP", "White")
+    assert a.report == "FINDINGS: Lines and tubes in place.\nIMPRESSION: Possible effusion."
+    assert (b.view, c.age, v.split, v.race) == ("LATERAL", -1.0, "validation", "Black")
+    assert any(r.path == "train.csv:row 4" and "Cardiomegaly='2.0'" in r.reason for r in rejects)
+    assert any("patient00004" in r.path and "not found" in r.reason for r in rejects)
+    assert any(r.path == "valid.csv:row 2" and "also in the official train split" in r.reason for r in rejects)
+    # Images only CheXpert-Plus lists: unmentioned findings, fields from Plus, split from the path.
+    states(p5)
+    assert (p5.patient_id, p5.split, p5.sex, p5.age, p5.view, p5.race, p5.report) == (
+        "patient00005", "train", "F", 61.0, "PA", "Asian", "IMPRESSION: Clear.")
+    assert p6.path.endswith("patient00006/study1/view1_frontal.png")  # Plus ships PNGs
+    assert (p6.sex, p6.age, p6.view, p6.race, p6.study_id) == ("M", -1.0, "LATERAL", "unknown",
+                                                                "patient00006/study1")
+    assert any("patient00007" in r.path and "not found" in r.reason for r in rejects)
+    assert any(r.path == "df_chexpert_plus_240401.csv:row 6" and "validation split" in r.reason for r in rejects)
+    assert any(r.path == "df_chexpert_plus_240401.csv:row 7" and "cannot parse" in r.reason for r in rejects)
+    assert not any(re.search(r"patient\d", r.reason) for r in rejects)  # no patient ids in reasons
+
+
+def test_chexpert_full_release_converts(tmp_path):
+    from cxr_rf.data import convert
+    d = fx.make_chexpert_full(str(tmp_path / "raw"))
+    items, rejects = run("chexpert", d)
+    out = tmp_path / "out"
+    convert.convert("chexpert", out, sources.SourceOptions(input_dir=d, resolution=8), max_reject_fraction=1.0)
+    import json
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(s["count"] for s in stats["splits"].values()) == len(items) == 6
+    assert sum(1 for _ in open(out / "rejects.jsonl")) == len(rejects)
 
 
 def test_nih(tmp_path):
@@ -191,14 +240,16 @@ def test_padchest(tmp_path):
     it = by_name(items)
     assert sorted(it) == ["i1.png", "i2.png", "i3.png", "i4.png", "i8.png"], reasons(rejects)
     text = reasons(rejects)
-    assert len(rejects) == 3 and "EXCLUDE" in text and "not a list literal" in text and "i7.png" in text
+    assert len(rejects) == 3 and "not a list literal" in text and "i7.png" in text
+    assert "intentionally excluded: Projection is EXCLUDE" in text
+    assert not any(f"pa{k}" in r.reason for r in rejects for k in range(1, 9))  # no patient ids
     from PIL import Image
     with Image.open(it["i1.png"].path) as im:  # the fixture really is 16-bit
         assert im.mode in ("I;16", "I") and np.asarray(im).max() > 255
     i1 = it["i1.png"]
     states(i1, No_Finding=N, Cardiomegaly=P, Pleural_Effusion=P, Support_Devices=P)
     assert (i1.view, i1.sex, i1.age, i1.split, i1.patient_id, i1.study_id) == ("PA", "M", 76.0, None, "pa1", "st1")
-    assert i1.report == "derrame pleural"
+    assert all(i.report == "" for i in items)  # Report is stemmed Spanish tokens, not a report
     pathologies = [f for f in cond.FINDINGS if f not in ("No Finding", "Support Devices")]
     states(it["i2.png"], No_Finding=P, **{f.replace(" ", "_"): N for f in pathologies})
     assert it["i2.png"].view == "LATERAL"
@@ -210,11 +261,74 @@ def test_padchest(tmp_path):
     assert (it["i8.png"].sex, it["i8.png"].view, it["i8.png"].age) == ("unknown", "unknown", 57.0)
 
 
+def test_padchest_flat_folder(tmp_path):
+    """Mirrors ship every PNG in one folder: the same Items, found without ImageDir folders."""
+    d = fx.make_padchest(str(tmp_path), flat=True)
+    assert not os.path.isdir(os.path.join(d, "0"))
+    items, rejects = run("padchest", d)
+    check_common("padchest", items)
+    assert sorted(by_name(items)) == ["i1.png", "i2.png", "i3.png", "i4.png", "i8.png"], reasons(rejects)
+    assert all(os.path.dirname(i.path) == d for i in items)
+    assert len(rejects) == 3 and "flat folder" in reasons(rejects)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_padchest_pixels_are_rescaled_and_monochrome1_inverted(tmp_path, flat):
+    """12-bit values in a 16-bit PNG fill 0..65535 (not left dark); MONOCHROME1 rows come out inverted."""
+    from PIL import Image
+
+    from cxr_rf.data import imaging
+    from cxr_rf.data.sources import padchest
+    d = fx.make_padchest(str(tmp_path), flat=flat)
+    it = by_name(run("padchest", d)[0])
+    for name in ("i1.png", "i3.png"):
+        with Image.open(it[name].path) as im:
+            raw = np.asarray(im).astype(np.float64)
+        assert raw.max() < 4096  # only part of the 16-bit range on disk
+        out = padchest.load(it[name], fx.SIZE, "pad")
+        assert out.dtype == np.uint16 and out.shape == (fx.SIZE, fx.SIZE)
+        assert out.min() == 0 and out.max() == 65535
+        expect = (raw - raw.min()) / (raw.max() - raw.min()) * 65535
+        if name in fx.PADCHEST_MONOCHROME1:
+            expect = 65535 - expect
+        # same pixels up to the resampling of fit_square (identity at the native size)
+        assert np.abs(out.astype(np.float64) - expect).max() <= 1.0, name
+    # A truncated PNG (the real release has ~21) is an ImageError, which the converter rejects.
+    path = it["i1.png"].path
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(imaging.ImageError):
+        padchest.load(it["i1.png"], fx.SIZE, "pad")
+
+
+def test_padchest_convert_rejects_bad_files_and_keeps_the_rest(tmp_path):
+    import json
+
+    from cxr_rf.data import convert
+    d = fx.make_padchest(str(tmp_path / "raw"))
+    with open(os.path.join(d, "1", "i4.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    convert.convert("padchest", out, sources.SourceOptions(input_dir=d, resolution=8), max_reject_fraction=1.0)
+    lines = [json.loads(x) for x in open(out / "rejects.jsonl")]
+    assert len(lines) == 4 and any(x["path"].endswith("i4.png") for x in lines), lines
+    import tensorflow_datasets as tfds
+
+    from cxr_rf.data import schema
+    builder = tfds.builder_from_directory(str(out))
+    images = [schema.from_example(src[i])["image"] for split in builder.info.splits
+              for src in [builder.as_data_source(split)] for i in range(len(src))]
+    assert len(images) == 4  # the good images were all written, each over the full range
+    assert all(im.min() == 0 and im.max() == 65535 for im in images)
+
+
 def test_vindr(tmp_path):
     items, rejects = run("vindr_cxr", fx.make_vindr(str(tmp_path)))
     check_common("vindr_cxr", items)
     it = {i.patient_id: i for i in items}
-    assert sorted(it) == ["imgA", "imgB", "imgC", "imgE"], reasons(rejects)
+    assert sorted(it) == ["imgA", "imgB", "imgC", "imgE", "imgF", "imgG"], reasons(rejects)
     text = reasons(rejects)
     assert len(rejects) == 3 and "image_labels_train.csv:row 7" in text and "Edema='2'" in text
     assert "imgD.dicom" in text and "image_labels_test.csv:imgA" in text
@@ -222,44 +336,90 @@ def test_vindr(tmp_path):
     # A: cardiomegaly 2/3 and fracture 2/3 (rib, clavicle: one vote per reader), aortic 1/3.
     states(it["imgA"], **{**neg, "Cardiomegaly": P, "Fracture": P, "Enlarged_Cardiomediastinum": U})
     states(it["imgB"], **{**neg, "No_Finding": P})
-    states(it["imgC"], **{**neg, "No_Finding": N, "Lung_Lesion": U})  # 1 of 2 valid readers
+    # C: nodule 1 of 2 valid readers; its parent Lung Opacity is not asserted absent.
+    states(it["imgC"], **{**neg, "No_Finding": N, "Lung_Lesion": U, "Lung_Opacity": X})
     states(it["imgE"], **{**neg, "Pneumothorax": P})
+    # F: parents of positive children stay unmentioned, never negative.
+    states(it["imgF"], **{**neg, "No_Finding": N, "Consolidation": P, "Cardiomegaly": P,
+                          "Lung_Opacity": X, "Enlarged_Cardiomediastinum": X})
+    # G: a minority pneumonia demotes the majority No Finding to uncertain (as CheXpert).
+    states(it["imgG"], **{**neg, "No_Finding": U, "Pneumonia": U, "Consolidation": X, "Lung_Opacity": X})
     assert {i.split for i in items} == {"train", "test"} and it["imgE"].split == "test"
     assert all(i.dicom_meta and i.view == "PA" and i.path.endswith(".dicom") for i in items)
+
+
+def test_vindr_jpeg2000_pixels_beyond_bits_stored_decode_monotonic(tmp_path):
+    """imgE is stored as VinDr ships it (JPEG 2000, BitsStored 12, 16-bit values, MONOCHROME1)."""
+    import pydicom
+
+    from cxr_rf.data import imaging
+    items, _ = run("vindr_cxr", fx.make_vindr(str(tmp_path)))
+    path = next(i.path for i in items if i.patient_id == "imgE")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID.is_encapsulated and ds.BitsStored == 12
+    assert int(ds.pixel_array.max()) > 4095
+    out = imaging.read(path).astype(np.int64)
+    v = fx.VINDR_VALUES.astype(np.float64)
+    want = 65535 - np.rint((v - v.min()) / (v.max() - v.min()) * 65535)  # MONOCHROME1: inverted
+    assert np.array_equal(out, want)  # strictly monotonic in the stored values: nothing wrapped
 
 
 def test_brax(tmp_path):
     items, rejects = run("brax", fx.make_brax(str(tmp_path)))
     check_common("brax", items)
-    assert len(items) == 3 and len(rejects) == 2, reasons(rejects)
+    assert len(items) == 4 and len(rejects) == 2, reasons(rejects)
     assert "Fracture='yes'" in reasons(rejects) and "not found" in reasons(rejects)
-    a, b, c = items
+    assert not any("id_" in r.reason for r in rejects)  # no patient id in a reason
+    a, b, c, e = items
     states(a, Cardiomegaly=P, Edema=U)
     assert (a.sex, a.age, a.view, a.study_id, a.split, a.dicom_meta) == ("M", 58.0, "PA", "acc1", None, False)
-    assert (b.age, b.view) == (85.0, "LATERAL")
+    assert (b.age, b.view) == (87.5, "LATERAL")  # "85 or more": midpoint of an assumed 85-89 band
     assert c.path.endswith(".dcm") and c.dicom_meta and (c.sex, c.age, c.view) == ("unknown", 24.5, "AP")
+    states(e, Atelectasis=P)
+    assert (e.age, e.sex, e.study_id) == (62.5, "F", "acc5")  # "60" is the band 60-64
 
 
 def test_rexgradient(tmp_path):
+    """Real layout: per-study CSVs without image paths; images and views from the JSON lists."""
     items, rejects = run("rexgradient", fx.make_rexgradient(str(tmp_path)))
     check_common("rexgradient", items)
-    assert len(items) == 4 and len(rejects) == 2, reasons(rejects)
-    assert "1.2.3.3.png" in reasons(rejects) and "GRDN1 is also in the official train" in reasons(rejects)
-    a, b, v, t = items
+    assert len(items) == 5 and len(rejects) == 4, reasons(rejects)
+    text = reasons(rejects)
+    assert "1.2.3.3.png: image file not found" in text
+    assert "train_metadata.csv:row 2: study has no entry in the view-position JSON" in text
+    assert "no ImagePath list" in text and "patient is also in the official train split" in text
+    assert not any(p in r.reason for r in rejects for p in ("GRDN1", "GRDN4", "GRDN6"))  # no patient ids
+    a, b, j, v, t = items
     states(a)
     assert (a.split, a.view, a.sex, a.age, a.site, a.study_id) == ("train", "PA", "M", 14.0, "SiteA", "1.2.3")
     assert a.report == "FINDINGS: Lungs clear.\nIMPRESSION: Normal chest."
-    assert b.view == "LATERAL"
+    assert (b.view, b.report, b.study_id) == ("LATERAL", a.report, "1.2.3")  # study fields shared
+    assert os.path.basename(a.path) == "1.2.3.1.png" and os.path.basename(b.path) == "1.2.3.2.png"
+    # A study only the JSON lists keeps the entry's own fields; a null view is unknown.
+    assert (j.patient_id, j.sex, j.age, j.view, j.report) == ("GRDN5", "F", 30.0, "unknown",
+                                                              "IMPRESSION: Small effusion.")
     assert (v.split, v.view, v.study_id, v.report) == ("validation", "AP", "7.7", "IMPRESSION: Edema.")
-    states(t, Cardiomegaly=P)
-    assert (t.split, t.view, t.age) == ("test", "unknown", -1.0)
+    states(t, Cardiomegaly=P)  # test CSV has no id column: joined on StudyInstanceUid
+    assert (t.split, t.view, t.age, t.patient_id) == ("test", "unknown", -1.0, "GRDN3")
+
+
+def test_rexgradient_needs_the_view_position_json(tmp_path):
+    d = fx.make_rexgradient(str(tmp_path))
+    os.remove(os.path.join(d, "metadata", "valid_metadata_view_position.json"))
+    with pytest.raises(SourceError, match="valid_metadata_view_position.json"):
+        list(sources.get("rexgradient").items(d, None))
+    with open(os.path.join(d, "metadata", "valid_metadata_view_position.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(SourceError, match="not readable JSON"):
+        list(sources.get("rexgradient").items(d, None))
 
 
 def test_openi(tmp_path):
     items, rejects = run("openi", fx.make_openi(str(tmp_path)))
     check_common("openi", items)
     assert [os.path.basename(i.path) for i in items] == [
-        "CXR1_1_IM-0001-3001.png", "CXR1_1_IM-0001-4001.png", "CXR2_1_IM-0652-1001.png"]
+        "CXR1_1_IM-0001-3001.png", "CXR1_1_IM-0001-4001.png", "CXR2_1_IM-0652-1001.png",
+        "CXR4_1_IM-2000-1001.png", "CXR5_2_IM-2001-2001.png"]
     text = reasons(rejects)
     assert len(rejects) == 2 and "CXR2_1_IM-0652-2001.png" in text
     assert "3.xml: unparseable XML" in text  # 10.xml has no image: nothing to convert, no reject
@@ -267,7 +427,29 @@ def test_openi(tmp_path):
     states(items[0], No_Finding=P, **{f.replace(" ", "_"): N for f in pathologies})
     assert items[0].report == "FINDINGS: The heart is normal.\nIMPRESSION: Normal chest x-XXXX."
     states(items[2], No_Finding=N, Cardiomegaly=U, Pleural_Effusion=P, Pleural_Other=P, Support_Devices=P)
-    assert items[2].patient_id == "CXR2" and items[2].split is None and items[2].view == "unknown"
+    assert items[2].patient_id == "CXR2" and items[2].split is None
+    # MeSH variants: Pulmonary Congestion -> Edema, Pleural Effusions/Effusion -> Pleural Effusion,
+    # Infiltrates -> Lung Opacity, Pleural Thickening -> Pleural Other.
+    states(items[3], No_Finding=N, Edema=P, Pleural_Effusion=P, Lung_Opacity=P)
+    states(items[4], No_Finding=N, Pleural_Effusion=P, Pleural_Other=P)
+    # Views from the optional indiana_projections.csv: Lateral -> LATERAL, Frontal (PA or AP
+    # not recorded) and images the table lacks -> unknown.
+    assert [i.view for i in items] == ["LATERAL", "unknown", "unknown", "LATERAL", "unknown"]
+
+
+def test_openi_views_from_dicom_header_table_or_none(tmp_path):
+    d = fx.make_openi(str(tmp_path))
+    fx.write_csv(os.path.join(d, "indiana_projections.csv"), ["uid", "filename", "projection", "ViewPosition"], [
+        ["1", "1_IM-0001-4001.dcm.png", "Frontal", "PA"], ["1", "1_IM-0001-3001.dcm.png", "Lateral", ""],
+        ["2", "2_IM-0652-1001.dcm.png", "Frontal", "AP"], ["5", "5_IM-2001-2001.dcm.png", "Frontal", " "]])
+    items, _ = run("openi", d)
+    assert [i.view for i in items] == ["LATERAL", "PA", "AP", "unknown", "unknown"]
+    os.remove(os.path.join(d, "indiana_projections.csv"))  # optional: without it every view is unknown
+    items, _ = run("openi", d)
+    assert len(items) == 5 and {i.view for i in items} == {"unknown"}
+    fx.write_csv(os.path.join(d, "indiana_projections.csv"), ["uid", "filename"], [["1", "x"]])
+    with pytest.raises(SourceError, match="indiana_projections.csv lacks.*projection or ViewPosition"):
+        run("openi", d)
 
 
 def test_shared_parsers():
@@ -279,7 +461,8 @@ def test_shared_parsers():
              "UNABLE TO OBTAIN": "unknown", "": "unknown", "Native Hawaiian or Other Pacific Islander": "Other"}
     assert {k: race_from_text(k) for k in races} == races
     assert [parse_age(a) for a in ("058Y", "58", "006M", "", "412", "abc")] == [58.0, 58.0, 0.5, -1, -1, -1]
-    assert [brax_age(a) for a in ("20-29", "85 or more", "90+", "040Y")] == [24.5, 85.0, 90.0, 40.0]
+    assert [brax_age(a) for a in ("20-29", "85 or more", "90+", "040Y", "60", "0", "58", "")] == \
+        [24.5, 87.5, 92.5, 40.0, 62.5, 2.5, 58.0, -1.0]
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -2,7 +2,9 @@
 
     load(path, resolution, fit="pad") -> uint16 [R, R]
 
-* DICOM (pydicom): BitsStored / PixelRepresentation honoured, Modality LUT (rescale or LUT),
+* DICOM (pydicom): BitsStored / PixelRepresentation honoured (native data masked to BitsStored;
+  data decoded from a compressed codestream masked only when its values fit BitsStored, since
+  headers understate the codestream's precision, e.g. VinDr-CXR), Modality LUT (rescale or LUT),
   VOI LUT (sequence, else WindowCenter/Width, else min-max over the image), MONOCHROME1
   inverted, result spread over the full 0..65535 range. Files flagged BurnedInAnnotation
   YES are rejected (identifying text in the pixels); overlays are never drawn. Colour and multi-frame DICOMs are
@@ -197,7 +199,8 @@ def _dicom_pixels(ds) -> np.ndarray:
         raise ImageError(f"pixel data could not be decoded: {_one_line(e)}") from None
     if raw.ndim != 2:
         raise ImageError(f"pixel array has shape {raw.shape}; expected one 2-D frame")
-    pixels = _stored_bits(raw, bits, signed)
+    encapsulated = bool(tsyntax is not None and tsyntax.is_encapsulated)
+    pixels = _stored_bits(raw, bits, signed, decoded=encapsulated)
     try:
         values = np.asarray(apply_modality_lut(pixels, ds), np.float64)
         if ds.get("VOILUTSequence"):  # preferred over a window, as pydicom does
@@ -236,18 +239,33 @@ def _int(value, default: int) -> int:
         return default
 
 
-def _stored_bits(raw: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
-    """Keep only the low BitsStored bits and sign-extend.
+def _stored_bits(raw: np.ndarray, bits_stored: int, signed: bool, decoded: bool = False) -> np.ndarray:
+    """The pixel values BitsStored describes: low BitsStored bits, sign-extended when signed.
 
-    Old files embed overlay planes (annotations, sometimes text) in the unused high bits;
-    masking drops them along with any junk, and overlays in (60xx,3000) are never rendered.
+    Native (uncompressed) data: old files embed overlay planes (annotations, sometimes text)
+    or junk in the unused high bits; masking drops them, and overlays in (60xx,3000) are never
+    rendered. ``decoded`` data (an encapsulated transfer syntax: JPEG 2000, RLE, ...) carries
+    no such bits: the codec returns values at its own precision, and a header BitsStored
+    smaller than that precision is wrong, not a request to mask. VinDr-CXR ships JPEG 2000
+    with BitsStored 10/12 and values up to 16 bits: masking would wrap bright pixels to dark.
+    So decoded values are masked only where they all fit BitsStored, where it changes nothing
+    but the sign extension: unsigned 0..2^b-1; signed either already sign-extended
+    (-2^(b-1)..2^(b-1)-1) or all b-bit two's-complement patterns (0..2^b-1, then extended).
+    Otherwise (e.g. a negative value next to one >= 2^(b-1)) the decoded values are kept.
     """
     arr = raw.astype(np.int64)
     width = raw.dtype.itemsize * 8
-    if 0 < bits_stored < width:
-        arr &= (1 << bits_stored) - 1
-        if signed:
-            arr = np.where(arr >= 1 << (bits_stored - 1), arr - (1 << bits_stored), arr)
+    if not 0 < bits_stored < width:
+        return arr
+    if decoded and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        half, full = 1 << (bits_stored - 1), 1 << bits_stored
+        fits = (0 <= lo and hi < full) or (signed and -half <= lo and hi < half)
+        if not fits:
+            return arr  # the values use more bits than the header says: keep them all
+    arr &= (1 << bits_stored) - 1
+    if signed:
+        arr = np.where(arr >= 1 << (bits_stored - 1), arr - (1 << bits_stored), arr)
     return arr
 
 

@@ -11,8 +11,17 @@ verify against your copy). ``input_dir`` is the release root::
 
 PngPath is used when its file exists, else DicomPath (then the converter may fill missing
 sex/age/view from the DICOM header). The study id is AccessionNumber when present, else the
-image's folder. PatientAge is read as years ("58", "058Y"), an age band ("20-29" -> its
-midpoint) or an open band ("85 or more", "85+" -> 85), since de-identified releases band ages.
+image's folder.
+
+PatientAge is the START of a 5-year band (``../shared/reference/datasets.md``: "60" = 60-64,
+the last band "85 or more"): a multiple of 5 becomes the band's midpoint (60 -> 62.5), "85 or
+more" (or "85+") -> 87.5, the midpoint of an assumed 85-89 band (the open band has no upper end;
+a decision). An explicit band "20-29" -> its midpoint; a plain number that is not a multiple
+of 5 (not a band start) and a DICOM-style age ("058Y") are taken as exact years.
+
+Verified (reference): the spreadsheet name and columns, DICOM and PNG paths, the age bands.
+Assumed (marked "check" in the reference until real files are seen): paths relative to the
+release root, labels as CheXpert labeller values, the ViewPosition codes below.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from cxr_rf.data.sources.nih_cxr14 import parse_age
 NAME = "brax"
 CSV_NAME = "master_spreadsheet_update.csv"
 _BAND_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_START_RE = re.compile(r"^\d+(\.0*)?$")  # the spreadsheet's plain band start, "60" or "60.0"
 _OPEN_RE = re.compile(r"^\s*(\d+)\s*(\+|or more|or older|and over)\s*$", re.I)
 
 MAPPING = f"""\
@@ -38,22 +48,30 @@ MAPPING = f"""\
 |---|---|
 | view | ViewPosition starting with PA -> PA, with AP (e.g. "AP LLD") -> AP; L, LL, RL, LAT, LATERAL -> LATERAL; else unknown |
 | sex | PatientSex M/Male -> M, F/Female -> F, else unknown |
-| age | PatientAge years ("58", "058Y"), band "20-29" -> midpoint, "85 or more"/"85+" -> 85, else unknown |
+| age | PatientAge is a 5-year band start: "60" -> 62.5 (60-64); "85 or more"/"85+" -> 87.5 (assumed 85-89); band "20-29" -> midpoint; plain non-multiple of 5 or DICOM-style "058Y" -> exact years; else unknown |
+| verified | spreadsheet name and columns, DicomPath/PngPath, age bands (datasets.md) |
+| assumed | relative paths, CheXpert-labeller label values, ViewPosition codes |
 | race | not provided -> unknown |
 | split | none official -> None (the converter splits by hashed PatientID) |
 """
 
 
+BAND = 5  # PatientAge "60" means 60-64
+
+
 def brax_age(text: str | None) -> float:
-    """Years from a plain/DICOM age, an age band or an open-ended band; -1 when unknown."""
+    """Years (band midpoint) from a band start, an open band or an explicit band; -1 when unknown."""
     text = (text or "").strip()
     m = _BAND_RE.match(text)
     if m:
         return (int(m.group(1)) + int(m.group(2))) / 2
     m = _OPEN_RE.match(text)
     if m:
-        return float(m.group(1))
-    return parse_age(text)
+        return int(m.group(1)) + BAND / 2
+    years = parse_age(text)
+    if _START_RE.match(text) and years >= 0 and int(years) % BAND == 0:
+        return years + BAND / 2  # a band start: its midpoint
+    return years
 
 
 def _view(text: str) -> str:

@@ -1,21 +1,39 @@
 """CheXpert v1.0 (Stanford), optionally joined with CheXpert-Plus reports and race.
 
-On-disk layout (``input_dir`` is the folder that holds ``train.csv``, e.g. ``CheXpert-v1.0-small/``)::
+On-disk layouts (``input_dir`` is the folder that holds ``train.csv`` and ``valid.csv``)::
 
+    -small / Kaggle copy:       CheXpert-v1.0-small/{train.csv, valid.csv, train/patient00001/study1/
+                                view1_frontal.jpg, valid/patient64541/...}
+    full release (Stanford AIMI): CheXpert-v1.0 batch 2 (train 1)/patient00001/study1/view1_frontal.jpg,
+                                CheXpert-v1.0 batch 3 (train 2)/..., CheXpert-v1.0 batch 4 (train 3)/...
+                                (no ``train/`` folder); train.csv, valid.csv and valid/ in another folder
     train.csv, valid.csv        Path, Sex, Age, Frontal/Lateral, AP/PA, the 14 findings (1.0/0.0/-1.0/blank)
-    train/patient00001/study1/view1_frontal.jpg
-    valid/patient64541/study1/view1_frontal.jpg
 
-``Path`` starts with the release folder ("CheXpert-v1.0-small/train/..."), so it is resolved
-relative to ``input_dir`` after dropping that first component, or else relative to its parent.
-Race is only in a separate Excel sheet, which is not read (no spreadsheet dependency); the
-hidden/separately released test set is not read either.
+``Path`` starts with the release folder ("CheXpert-v1.0-small/train/..." or
+"CheXpert-v1.0/train/..."). It is resolved relative to ``input_dir`` after dropping that first
+component, else relative to ``input_dir``'s parent, else relative to ``input_dir``; if none
+exists, the patient's folder is looked up in the release's batch folders (folders named
+"CheXpert-v1.0 ... batch ..." in ``input_dir`` or its parent, directly or in their
+train/valid/test subfolders; indexed once, on the first miss).
 
-Assumption (CheXpert-Plus): if ``input_dir`` holds ``df_chexpert_plus_*.csv`` (released as
-``df_chexpert_plus_240401.csv``), its ``path_to_image`` ("train/patient00001/study1/view1_frontal.jpg"),
-``section_findings``, ``section_impression`` and, if present, ``race`` columns supply the report and
-race. Rows are matched on the path from the split folder on, ignoring the extension (Plus
-ships PNGs where v1.0 has JPEGs). With several such files the last in name order (newest date) wins.
+VERIFIED against ``../shared/reference/datasets.md``: the CSV columns and label coding; the
+-small layout; the full release's ``CheXpert-v1.0 batch N (train M)/patientNNNNN/studyN/viewN_*.jpg``
+folders (batches 2-4) without a ``train/`` folder; CheXpert-Plus's file
+``df_chexpert_plus_240401.csv`` and its ``path_to_image`` column ("train/patient.../view1_frontal.jpg").
+ASSUMED: where the full release keeps train.csv, valid.csv and the validation images (the
+reference does not say; batch 1 is believed to be "validate & csv": any ``valid/`` folder in
+``input_dir`` or a batch folder is found); CheXpert-Plus's other columns (``section_findings``,
+``section_impression``, ``race``, ``sex``, ``age``, ``frontal_lateral``, ``ap_pa``), each used
+only if present.
+
+CheXpert-Plus: if ``input_dir`` holds ``df_chexpert_plus_*.csv`` (the last in name order, i.e.
+the newest date, wins), its rows are matched to CSV rows on the path from the split folder on,
+ignoring the extension (Plus ships PNGs where v1.0 has JPEGs), and supply the report and race.
+Images that only CheXpert-Plus lists (no train.csv/valid.csv row) are converted too, with every
+finding unmentioned (Plus has no CheXpert labels in this table), split from the path's folder
+(train/valid/test), sex/age/view from Plus's columns if present; they are looked up with the
+listed extension, then .png/.jpg. Race from the separate Excel sheet is not read (no
+spreadsheet dependency); the hidden test set is not read.
 
 This module also holds the helpers other CheXpert-labeller-style sources (MIMIC-CXR-JPG, BRAX,
 ReXGradient) share: the 14 label columns, race text mapping and report joining.
@@ -40,6 +58,9 @@ LABELS: tuple[str, ...] = cond.FINDINGS  # CheXpert's column names are the share
 _SPLIT_FILES = (("train.csv", "train"), ("valid.csv", "validation"))
 _KEY_RE = re.compile(r"(train|valid|test)/(patient\d+)/(study\d+)/([^/]+?)(\.[A-Za-z0-9]+)?$")
 _PATIENT_RE = re.compile(r"(patient\d+)/(study\d+)/")
+_TAIL_RE = re.compile(r"(patient\d+)/(study\d+)/([^/]+)$")
+_BATCH_RE = re.compile(r"^CheXpert-v1\.0.*\bbatch\b", re.IGNORECASE)
+_PLUS_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
 def identity_rows() -> str:
@@ -60,6 +81,8 @@ MAPPING = f"""\
 | race | CheXpert-Plus `race` if present (White/Black/Asian by keyword, unknown/declined -> unknown, else Other) |
 | report | CheXpert-Plus section_findings + section_impression if present, else empty |
 | split | train.csv -> train, valid.csv -> validation (official, patient-disjoint); patient id parsed from Path |
+| image | Path against -small (`train/`, `valid/`) or the full release's `CheXpert-v1.0 batch N (...)/patientNNNNN/...` folders (verified: reference) |
+| CheXpert-Plus only | images in `df_chexpert_plus_*.csv` (`path_to_image`, verified) without a train/valid.csv row: findings unmentioned, split from the path folder; sex/age/view from Plus columns if present (assumed) |
 """
 
 
@@ -110,36 +133,95 @@ def join_report(findings: str | None, impression: str | None) -> str:
 
 # ---------------------------------------------------------------- CheXpert
 
-def _plus_table(input_dir: str) -> dict[str, tuple[str, str]]:
-    """CheXpert-Plus key -> (report, race); streamed because the file holds every report."""
+def _plus_file(input_dir: str) -> str | None:
     files = sorted(glob.glob(os.path.join(input_dir, "df_chexpert_plus*.csv*")))
-    if not files:
-        return {}
-    path = files[-1]
+    return files[-1] if files else None
+
+
+def _plus_table(input_dir: str) -> tuple[str, dict[str, dict], list[tuple[int, str | None, str]]]:
+    """(file name, key -> fields of its first row, [(row number, key or None, path_to_image)]).
+
+    Streamed because the file holds every report; only the fields used are kept.
+    """
+    path = _plus_file(input_dir)
+    if path is None:
+        return "", {}, []
     opener = gzip.open if path.endswith(".gz") else open
     old_limit = csv.field_size_limit(1 << 24)  # long reports can exceed csv's 128 KiB default
-    out = {}
+    table: dict[str, dict] = {}
+    order: list[tuple[int, str | None, str]] = []
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             require_columns(reader.fieldnames or [], ("path_to_image",), path)
-            for row in reader:
-                m = _KEY_RE.search(row["path_to_image"].replace("\\", "/"))
-                if m:
-                    out["/".join(m.group(1, 2, 3, 4))] = (
-                        join_report(row.get("section_findings"), row.get("section_impression")),
-                        race_from_text(row.get("race")))
+            for n, row in enumerate(reader, 1):
+                rel = (row.get("path_to_image") or "").strip().replace("\\", "/")
+                m = _KEY_RE.search(rel)
+                key = "/".join(m.group(1, 2, 3, 4)) if m else None
+                order.append((n, key, rel))
+                if key is not None and key not in table:
+                    table[key] = {
+                        "report": join_report(row.get("section_findings"), row.get("section_impression")),
+                        "race": race_from_text(row.get("race")),
+                        "sex": (row.get("sex") or "").strip(), "age": (row.get("age") or "").strip(),
+                        "view": _view(row.get("frontal_lateral") or "", row.get("ap_pa") or "")}
     finally:
         csv.field_size_limit(old_limit)
-    return out
+    return os.path.basename(path), table, order
 
 
-def _resolve(input_dir: str, rel: str) -> str:
-    rel = rel.replace("\\", "/")
-    parts = rel.split("/")
-    candidates = [os.path.join(input_dir, *parts[1:]), os.path.join(os.path.dirname(input_dir), *parts),
-                  os.path.join(input_dir, *parts)]
-    return next((c for c in candidates if os.path.isfile(c)), candidates[0])
+class _Resolver:
+    """CSV/Plus paths -> files, in the -small layout or the full release's batch folders."""
+
+    def __init__(self, input_dir: str):
+        self.input_dir = input_dir
+        self._index: dict[str, list[str]] | None = None
+
+    def _batches(self) -> dict[str, list[str]]:
+        """patientNNNNN -> the folders that hold its folder, over every batch folder (built once)."""
+        if self._index is None:
+            self._index = {}
+            roots = []
+            for top in dict.fromkeys((self.input_dir, os.path.dirname(self.input_dir))):
+                try:
+                    entries = sorted(os.scandir(top), key=lambda e: e.name)
+                except OSError:
+                    continue
+                roots += [e.path for e in entries if _BATCH_RE.search(e.name) and e.is_dir()]
+            for root in roots:
+                for folder in (root, *(os.path.join(root, s) for s in ("train", "valid", "test"))):
+                    try:
+                        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                    except OSError:
+                        continue
+                    for e in entries:
+                        if e.name.startswith("patient") and e.is_dir():
+                            self._index.setdefault(e.name, []).append(folder)
+        return self._index
+
+    def __call__(self, rel: str, extensions: tuple[str, ...] = ()) -> str:
+        """The existing file for ``rel`` (trying ``extensions`` in place of its own), else the first candidate."""
+        rel = rel.replace("\\", "/")
+        stem, ext = os.path.splitext(rel)
+        rels = [rel] + [stem + e for e in extensions if e.lower() != ext.lower()]
+        first = None
+        for r in rels:
+            parts = r.split("/")
+            candidates = [os.path.join(self.input_dir, *parts[1:]),
+                          os.path.join(os.path.dirname(self.input_dir), *parts),
+                          os.path.join(self.input_dir, *parts)]
+            first = first or candidates[0]
+            found = next((c for c in candidates if os.path.isfile(c)), None)
+            if found:
+                return found
+        for r in rels:
+            m = _TAIL_RE.search(r)
+            if m:
+                for folder in self._batches().get(m.group(1), ()):
+                    c = os.path.join(folder, *m.group(1, 2, 3))
+                    if os.path.isfile(c):
+                        return c
+        return first
 
 
 def _age(text: str) -> float:
@@ -156,8 +238,12 @@ def _view(frontal_lateral: str, ap_pa: str) -> str:
     return {"AP": "AP", "PA": "PA"}.get(ap_pa.strip().upper(), "unknown")
 
 
+def _sex(text: str) -> str:
+    return {"male": "M", "female": "F", "m": "M", "f": "F"}.get(text.strip().lower(), "unknown")
+
+
 def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
-    """Every image of train.csv then valid.csv, in file order."""
+    """Every image of train.csv then valid.csv, in file order, then those only CheXpert-Plus lists."""
     input_dir = os.path.abspath(input_dir)
     tables = []
     for fname, split in _SPLIT_FILES:
@@ -165,13 +251,19 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         rows = read_csv(path)
         require_columns(rows, ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + LABELS, path)
         tables.append((fname, split, rows))
-    plus = _plus_table(input_dir)
+    plus_name, plus, plus_order = _plus_table(input_dir)
+    resolve = _Resolver(input_dir)
     first_split: dict[str, str] = {}  # official splits are patient-disjoint; the first file wins
+    listed: set[str] = set()
     for fname, split, rows in tables:
         for row in rows:
-            m = _PATIENT_RE.search(row["Path"].replace("\\", "/"))
+            rel = row["Path"].replace("\\", "/")
+            m = _PATIENT_RE.search(rel)
             if m:
                 first_split.setdefault(m.group(1), split)
+            key = _KEY_RE.search(rel)
+            if key:
+                listed.add("/".join(key.group(1, 2, 3, 4)))
     for fname, split, rows in tables:
         for n, row in enumerate(rows, 1):
             ref = f"{fname}:row {n}"
@@ -182,20 +274,49 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
                 continue
             patient = m.group(1)
             if first_split[patient] != split:
-                yield Reject(ref, f"{patient} is also in the official {first_split[patient]} split")
+                yield Reject(ref, f"patient is also in the official {first_split[patient]} split "
+                                  f"(the first file listing a patient keeps it)")
                 continue
             try:
                 findings = label_findings(row)
             except ValueError as e:
                 yield Reject(ref, str(e))
                 continue
-            path = _resolve(input_dir, rel)
+            path = resolve(rel)
             if not os.path.isfile(path):
                 yield Reject(path, f"image file not found ({ref})")
                 continue
             key = _KEY_RE.search(rel)
-            report, race = plus.get("/".join(key.group(1, 2, 3, 4)) if key else "", ("", "unknown"))
-            sex = {"male": "M", "female": "F"}.get(row["Sex"].strip().lower(), "unknown")
-            yield Item(path=path, split=split, findings=findings, sex=sex, age=_age(row["Age"]),
-                       race=race, view=_view(row["Frontal/Lateral"], row["AP/PA"]), source=NAME,
-                       patient_id=patient, study_id=f"{patient}/{m.group(2)}", report=report)
+            info = plus.get("/".join(key.group(1, 2, 3, 4)) if key else "", {})
+            yield Item(path=path, split=split, findings=findings, sex=_sex(row["Sex"]), age=_age(row["Age"]),
+                       race=info.get("race", "unknown"), view=_view(row["Frontal/Lateral"], row["AP/PA"]),
+                       source=NAME, patient_id=patient, study_id=f"{patient}/{m.group(2)}",
+                       report=info.get("report", ""))
+    # Images only CheXpert-Plus lists: no CheXpert labels here, so every finding stays unmentioned.
+    seen: set[str] = set()
+    for n, key, rel in plus_order:
+        ref = f"{plus_name}:row {n}"
+        if key is None:
+            yield Reject(ref, "cannot parse {train,valid,test}/patientNNNNN/studyN/<view> from path_to_image")
+            continue
+        if key in listed:
+            continue
+        if key in seen:
+            yield Reject(ref, "path_to_image listed twice (the first row is kept)")
+            continue
+        seen.add(key)
+        folder, patient, study = key.split("/")[:3]
+        split = _PLUS_SPLITS[folder]
+        if first_split.setdefault(patient, split) != split:
+            yield Reject(ref, f"patient is also in the official {first_split[patient]} split "
+                              f"(the first file listing a patient keeps it)")
+            continue
+        path = resolve("CheXpert-v1.0/" + rel[rel.index(key.split("/")[0] + "/" + patient):],
+                       extensions=(".png", ".jpg"))
+        if not os.path.isfile(path):
+            yield Reject(path, f"image file not found ({ref})")
+            continue
+        info = plus[key]
+        yield Item(path=path, split=split, findings=np.zeros(len(LABELS), np.int8), sex=_sex(info["sex"]),
+                   age=_age(info["age"]), race=info["race"], view=info["view"], source=NAME,
+                   patient_id=patient, study_id=f"{patient}/{study}", report=info["report"])

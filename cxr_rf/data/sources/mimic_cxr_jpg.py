@@ -17,6 +17,11 @@ Optional, used when present:
 
 Labels come from the CheXpert labeller table (the negbio table has the same format and is not
 used). Studies the table lacks keep all findings unmentioned rather than being dropped.
+
+Verified (``../shared/reference/datasets.md``): the table names and columns, the image path
+layout, split values, and that ViewPosition holds rarer codes besides PA/AP/LATERAL/LL (AP
+AXIAL, LAO, XTABLE LATERAL, ...). Assumed: which of AP/PA/LATERAL each rarer code belongs to
+(read from its name: see ``_VIEWS``), the report and MIMIC-IV file locations.
 """
 from __future__ import annotations
 
@@ -36,7 +41,14 @@ from cxr_rf.data.sources.common import read_csv, require_columns
 NAME = "mimic_cxr_jpg"
 PREFIX = "mimic-cxr-2.0.0-"
 _SPLITS = {"train": "train", "validate": "validation", "test": "test"}
-_VIEWS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LATERAL"}
+# ViewPosition codes of the metadata table. The rarer ones (reference: "AP AXIAL, LAO, XTABLE
+# LATERAL, ...") follow their projection: AP-ish (axial/lordotic, decubitus) -> AP, PA-ish -> PA,
+# laterals (incl. cross-table and the swimmer's lateral) -> LATERAL; obliques and anything
+# else -> unknown (neither frontal nor lateral).
+_VIEWS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LATERAL", "RL": "LATERAL",
+          "AP AXIAL": "AP", "AP LLD": "AP", "AP RLD": "AP", "PA LLD": "PA", "PA RLD": "PA",
+          "XTABLE LATERAL": "LATERAL", "SWIMMERS": "LATERAL",
+          "LAO": "unknown", "RAO": "unknown", "LPO": "unknown", "RPO": "unknown"}
 _SECTION_RE = re.compile(r"^[ \t]*([A-Z][A-Z /&]+):", re.M)
 
 MAPPING = f"""\
@@ -45,11 +57,13 @@ MAPPING = f"""\
 {identity_rows()}
 | field | rule |
 |---|---|
-| view | ViewPosition PA -> PA, AP -> AP, LATERAL/LL -> LATERAL, anything else or blank -> unknown |
+| view | ViewPosition PA, PA LLD, PA RLD -> PA; AP, AP AXIAL, AP LLD, AP RLD -> AP; LATERAL, LL, RL, XTABLE LATERAL, SWIMMERS -> LATERAL; obliques (LAO, RAO, LPO, RPO), anything else or blank -> unknown |
 | sex | MIMIC-IV patients.gender M/F, else unknown (no MIMIC-IV tables -> unknown) |
 | age | anchor_age + (StudyDate year - anchor_year) (dates share MIMIC-IV's shift); anchor_age alone without StudyDate |
 | race | MIMIC-IV admissions.race (ethnicity in 1.0): the patient's most frequent known value; WHITE* -> White, BLACK* -> Black, ASIAN* -> Asian, UNKNOWN/UNABLE/DECLINED -> unknown, others -> Other |
 | labels | study without a chexpert.csv row -> all unmentioned (kept) |
+| verified | file names (2.1.0 still ships mimic-cxr-2.0.0-*.csv.gz), columns, files/ layout, split values, the rarer view codes exist (datasets.md) |
+| assumed | AP/PA/LATERAL class of each rarer view code (by its projection name), MIMIC-IV table locations |
 | split | mimic-cxr-2.0.0-split.csv: train -> train, validate -> validation, test -> test; an image missing there takes its patient's split (None if the patient is not listed); a patient listed in two splits keeps the first, later images are rejected |
 """
 
@@ -181,5 +195,5 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         yield Item(path=path, split=split, findings=findings,
                    sex=person[0] if person else "unknown", age=_age(person, row.get("StudyDate", "")),
                    race=races.get(subject, "unknown"),
-                   view=_VIEWS.get(row["ViewPosition"].strip().upper(), "unknown"), source=NAME,
+                   view=_VIEWS.get(" ".join(row["ViewPosition"].upper().split()), "unknown"), source=NAME,
                    patient_id=subject, study_id=study, report=report)

@@ -14,15 +14,30 @@ report (No Finding positive, the 12 pathologies negative unless a pathology term
 it, which then wins). A "borderline" qualifier makes the finding uncertain. Major and automatic
 terms are both used.
 
-No view is recorded: the figure caption names the study's views ("PA and Lateral") but not which
-image is which, and the image-id suffix is not a reliable marker, so view is unknown. No
-demographics and no patient ids are released: each report (uId) is its own patient and the
+View: the XML does not record it per image (the caption names the study's views, "PA and
+Lateral", not which image is which; the image-id suffix is not a reliable marker); the views
+are in the headers of the DICOM release (NLMCXR_dcm.tgz). When ``input_dir`` holds the optional
+table ``indiana_projections.csv`` (the widely used per-image table derived from those DICOMs:
+uid, filename, projection Frontal/Lateral; a ``ViewPosition`` column, as in a header dump, is
+used when present) each image takes its view from it: ViewPosition PA/AP/LL/LATERAL, else
+projection Lateral -> LATERAL, Frontal -> unknown (frontal, but PA vs AP not recorded).
+Rows are matched to parentImage ids by report number and IM-part
+("CXR1_1_IM-0001-3001" <-> "1_IM-0001-3001.dcm.png"); unmatched images keep view unknown.
+No demographics and no patient ids are released: each report (uId) is its own patient and the
 converter splits by its hash. Reports without images are skipped silently (nothing to convert).
+
+Verified (``../shared/reference/datasets.md``): the XML layout and sections, parentImage ids,
+NLMCXR_png names, no view in the XML (views only in the DICOM metadata), and the MeSH variants
+"Pulmonary Congestion", "Pleural Effusions", "Effusion", "Pleural Thickening", "Infiltrates".
+Assumed: the head -> finding table (e.g. Pulmonary Congestion -> Edema as CheXpert's labeller
+does, bare Effusion -> Pleural Effusion), the name and columns of the optional view table,
+"normal" as a whole-study negative.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from typing import Iterator
 
@@ -31,16 +46,19 @@ import numpy as np
 from cxr_rf import conditioning as cond
 from cxr_rf.data.sources import Item, Reject, SourceError
 from cxr_rf.data.sources.chexpert import join_report
+from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "openi"
 HEADS: dict[str, str] = {
     "cardiomegaly": "Cardiomegaly",
-    "pleural effusion": "Pleural Effusion",
+    "pleural effusion": "Pleural Effusion", "pleural effusions": "Pleural Effusion",
+    "effusion": "Pleural Effusion",  # bare "Effusion": pericardial effusion is its own term
     "pneumothorax": "Pneumothorax",
-    "opacity": "Lung Opacity", "infiltrate": "Lung Opacity", "airspace disease": "Lung Opacity",
-    "density": "Lung Opacity",
+    "opacity": "Lung Opacity", "infiltrate": "Lung Opacity", "infiltrates": "Lung Opacity",
+    "airspace disease": "Lung Opacity", "density": "Lung Opacity",
     "nodule": "Lung Lesion", "mass": "Lung Lesion", "lung neoplasms": "Lung Lesion",
-    "edema": "Edema", "pulmonary edema": "Edema",
+    "edema": "Edema", "pulmonary edema": "Edema", "pulmonary congestion": "Edema",
+    "pleural thickening": "Pleural Other",
     "consolidation": "Consolidation",
     "pneumonia": "Pneumonia",
     "atelectasis": "Atelectasis", "pulmonary atelectasis": "Atelectasis", "atelectases": "Atelectasis",
@@ -67,7 +85,11 @@ MAPPING = "\n".join(
     + [f"| normal | No Finding | positive; {', '.join(PATHOLOGIES)} negative unless a pathology term is also present |",
        "| any other term (e.g. Lung/hypoinflation, Calcified Granuloma, No Indexing) | — | ignored (unmentioned) |",
        "", "| field | rule |", "|---|---|",
-       "| view | not recorded per image -> unknown |",
+       "| view | optional indiana_projections.csv (from the NLMCXR DICOMs): ViewPosition PA/AP/LL/LATERAL, "
+       "else projection Lateral -> LATERAL, Frontal -> unknown; without it (the XML has no view) -> unknown |",
+       "| verified | XML layout, parentImage ids, PNG names, views only in DICOM metadata, the MeSH "
+       "variants listed (datasets.md) |",
+       "| assumed | head -> finding table, optional view table name/columns, normal -> negatives |",
        "| sex, age, race | not released -> unknown |",
        "| report | AbstractText FINDINGS + IMPRESSION |",
        "| split | none official -> None; each report (uId) is its own patient |",
@@ -102,6 +124,40 @@ def findings_from_mesh(terms: list[str]) -> np.ndarray:
     return out
 
 
+VIEW_TABLE = "indiana_projections.csv"
+_IMAGE_KEY_RE = re.compile(r"^(?:CXR)?(\d+)_(?:\d+_)?(IM-[0-9A-Za-z-]+?)(?:\.dcm)?(?:\.png)?$", re.I)
+_VIEW_POSITIONS = {"PA": "PA", "AP": "AP", "LL": "LATERAL", "RL": "LATERAL", "LATERAL": "LATERAL", "LAT": "LATERAL"}
+_PROJECTIONS = {"LATERAL": "LATERAL"}  # "Frontal" does not say PA or AP: unknown
+
+
+def image_key(name: str) -> str | None:
+    """'CXR1_1_IM-0001-3001' / '1_IM-0001-3001.dcm.png' -> '1_IM-0001-3001'; None if neither."""
+    m = _IMAGE_KEY_RE.match(os.path.basename(name.strip()))
+    return f"{int(m.group(1))}_{m.group(2).upper()}" if m else None
+
+
+def _views(input_dir: str) -> dict[str, str]:
+    """image key -> view from the optional per-image table; {} when absent."""
+    path = os.path.join(input_dir, VIEW_TABLE)
+    if not (os.path.isfile(path) or os.path.isfile(path + ".gz")):
+        return {}
+    rows = read_csv(path)
+    if not rows:
+        return {}
+    require_columns(rows, ("filename",), path)
+    if not ({"projection", "ViewPosition"} & set(rows[0])):
+        raise SourceError(f"{path} lacks required column(s): projection or ViewPosition")
+    views: dict[str, str] = {}
+    for row in rows:
+        key = image_key(row.get("filename") or "")
+        if key is None:
+            continue
+        view = _VIEW_POSITIONS.get(" ".join((row.get("ViewPosition") or "").upper().split()))
+        view = view or _PROJECTIONS.get((row.get("projection") or "").strip().upper(), "unknown")
+        views[key] = view
+    return views
+
+
 def _order(name: str) -> tuple[float, str]:
     stem = os.path.splitext(name)[0]
     return (int(stem) if stem.isdigit() else math.inf, name)
@@ -117,6 +173,7 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         raise SourceError(f"missing {xml_dir}/*.xml (the extracted NLMCXR_reports.tgz)")
     if not os.path.isdir(png_dir):
         raise SourceError(f"missing {png_dir} (the extracted NLMCXR_png.tgz)")
+    views = _views(input_dir)
     for name in names:
         xml_path = os.path.join(xml_dir, name)
         try:
@@ -138,4 +195,5 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
                 yield Reject(path, f"image file not found ({name})")
                 continue
             yield Item(path=path, split=None, findings=findings.copy(), source=NAME,
+                       view=views.get(image_key(image) or "", "unknown"),
                        patient_id=report_id, study_id=report_id, report=report)

@@ -4,28 +4,51 @@ On-disk layout (``input_dir`` is the release root)::
 
     PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz)
         ImageID, ImageDir, StudyDate_DICOM, StudyID, PatientID, PatientBirth, PatientSex_DICOM,
-        ViewPosition_DICOM, Projection, ..., Report, MethodLabel, Labels, ...
-    0/<ImageID>.png ... 54/<ImageID>.png     16-bit PNGs, one folder per zip (ImageDir)
+        ViewPosition_DICOM, Projection, ..., PhotometricInterpretation_DICOM, BitsStored_DICOM,
+        ..., Report, MethodLabel, Labels, ...
+    0/<ImageID> ... 54/<ImageID>     16-bit PNGs, one folder per zip (ImageDir), or
+    <ImageID>                        the same files in one flat folder (as many mirrors ship it)
+
+VERIFIED against ``../shared/reference/datasets.md`` (the real release and public loaders):
+the CSV name and columns used here; 16-bit PNGs in ImageDir folders, and mirrors with one flat
+folder (an image is looked up in ``<input>/<ImageDir>/<ImageID>`` first, then
+``<input>/<ImageID>``); the 16-bit PNGs use only part of the range (loaders rescale per
+image); rows whose PhotometricInterpretation_DICOM is MONOCHROME1 need inverting; ``Report``
+is preprocessed, stemmed Spanish (so it is NOT used as a report: records get an empty report);
+about 21 PNGs are truncated (the pixel decoder rejects those, not this module).
+
+Pixels (``load``): decoded by ``imaging.read`` (16-bit kept, 8-bit x257), then stretched per
+image to the full 0..65535 range (min-max, as ``imaging`` does for a DICOM without a VOI
+window, so PadChest is not left dark next to every other source), then inverted for
+MONOCHROME1 rows. ``load`` learns the row's photometric interpretation from the CSV beside
+the image (the Item has no field for it), read once per worker process.
+
+ASSUMED: the label-term mapping below (our reading of the terms, not the authors'); that the
+terms are positive mentions only (negated findings are not listed), so a finding with no term
+stays unmentioned; "normal" asserts the whole study is normal: No Finding positive and the 12
+pathologies negative (Support Devices stays unmentioned unless a device term is listed); if a
+pathology term contradicts it, the pathology wins and No Finding becomes negative. Terms not in
+the table (about 150 of PadChest's ~190, e.g. 'aortic elongation', 'scoliosis', 'COPD signs')
+leave findings unmentioned. A blank Labels cell keeps the image with everything unmentioned.
+A blank or other PhotometricInterpretation_DICOM is treated as MONOCHROME2 (not inverted).
 
 ``Labels`` is a stringified Python list of free (Spanish-derived, English) terms, e.g.
 "['cardiomegaly', 'pleural effusion']"; terms are trimmed and lower-cased before lookup.
-The terms are positive mentions only (negated findings are not listed), so a finding with no
-term stays unmentioned. "normal" asserts the whole study is normal: No Finding positive and the
-12 pathologies negative (Support Devices stays unmentioned unless a device term is listed); if
-a pathology term contradicts it, the pathology wins and No Finding becomes negative. Terms not
-in the table (about 150 of PadChest's ~190, e.g. 'aortic elongation', 'scoliosis', 'COPD signs')
-leave findings unmentioned. A blank Labels cell keeps the image with everything unmentioned.
-About 21 PNGs are known to be truncated; the pixel decoder rejects those, not this module.
+Rows with Projection EXCLUDE are images the dataset authors excluded on purpose; they are
+counted as rejects with that reason, never converted.
 """
 from __future__ import annotations
 
 import ast
+import csv
+import gzip
 import os
 from typing import Iterator
 
 import numpy as np
 
 from cxr_rf import conditioning as cond
+from cxr_rf.data import imaging
 from cxr_rf.data.sources import Item, Reject
 from cxr_rf.data.sources.common import read_csv, require_columns
 
@@ -74,11 +97,12 @@ MAPPING = "\n".join(
     + [f"| normal | No Finding | positive; {', '.join(PATHOLOGIES)} negative unless a pathology term is also listed |",
        "| any other term | — | ignored (finding stays unmentioned) |",
        "", "| field | rule |", "|---|---|",
-       "| view | Projection PA -> PA, AP and AP_horizontal -> AP, L -> LATERAL, COSTAL (rib views), UNK or blank -> unknown (kept); EXCLUDE -> rejected (flagged by the authors) |",
+       "| view | Projection PA -> PA, AP and AP_horizontal -> AP, L -> LATERAL, COSTAL (rib views), UNK or blank -> unknown (kept); EXCLUDE -> rejected (intentionally excluded by the dataset authors) |",
        "| sex | PatientSex_DICOM M/F, else unknown |",
        "| age | year of StudyDate_DICOM - PatientBirth (a year); outside 0-120 or missing -> unknown |",
        "| race | not provided -> unknown |",
-       "| report | Report column (Spanish, as released) |",
+       "| report | none: the Report column is preprocessed, stemmed Spanish tokens, not text (verified: reference) |",
+       "| image | <input>/<ImageDir>/<ImageID>, else flat <input>/<ImageID> (verified: reference); 16-bit rescaled per image to the full range; PhotometricInterpretation_DICOM MONOCHROME1 inverted (verified: reference) |",
        "| split | none official -> None (the converter splits by hashed PatientID) |",
        ""])
 
@@ -120,6 +144,17 @@ def _age(study_date: str, birth: str) -> float:
     return float(age) if 0 <= age <= 120 else -1.0
 
 
+def _image_path(input_dir: str, image_dir: str, image: str) -> tuple[str | None, list[str]]:
+    """(the existing file or None, the candidates tried): <ImageDir>/<ImageID>, then flat <ImageID>."""
+    candidates = []
+    try:
+        candidates.append(os.path.join(input_dir, str(int(float(image_dir))), image))
+    except (ValueError, OverflowError):
+        pass  # a bad ImageDir still finds the image in a flat folder
+    candidates.append(os.path.join(input_dir, image))
+    return next((c for c in candidates if os.path.isfile(c)), None), candidates
+
+
 def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
     """Every row of the labels table, in file order."""
     input_dir = os.path.abspath(input_dir)
@@ -133,26 +168,86 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         if not image or not patient:
             yield Reject(ref, "empty ImageID or PatientID")
             continue
+        if os.path.basename(image) != image or image in (".", ".."):
+            yield Reject(ref, "ImageID is not a file name")
+            continue
         projection = row["Projection"].strip().upper()
         if projection == "EXCLUDE":
-            yield Reject(ref, "Projection EXCLUDE (flagged unusable by the dataset authors)")
+            yield Reject(ref, "intentionally excluded: Projection is EXCLUDE (the PadChest authors "
+                              "marked this image as not to be used)")
             continue
         try:
             findings = findings_from_terms(parse_labels(row["Labels"]))
         except ValueError as e:
             yield Reject(ref, str(e))
             continue
-        try:
-            folder = str(int(float(row["ImageDir"])))
-        except ValueError:
-            yield Reject(ref, f"bad ImageDir {row['ImageDir']!r}")
-            continue
-        path = os.path.join(input_dir, folder, image)
-        if not os.path.isfile(path):
-            yield Reject(path, f"image file not found ({ref})")
+        path, tried = _image_path(input_dir, row["ImageDir"].strip(), image)
+        if path is None:
+            bad_dir = "" if len(tried) > 1 else f"; ImageDir {row['ImageDir']!r} is not a folder number"
+            yield Reject(tried[0], f"image file not found in its ImageDir folder or the flat folder "
+                                   f"({ref}{bad_dir})")
             continue
         sex = row["PatientSex_DICOM"].strip().upper()
+        # The Report column is stemmed Spanish tokens, not text: never passed on as a report.
         yield Item(path=path, split=None, findings=findings, sex=sex if sex in ("M", "F") else "unknown",
                    age=_age(row["StudyDate_DICOM"], row["PatientBirth"]),
                    view=PROJECTIONS.get(projection, "unknown"), source=NAME, patient_id=patient,
-                   study_id=row["StudyID"].strip(), report=" ".join(row.get("Report", "").split()))
+                   study_id=row["StudyID"].strip(), report="")
+
+
+# ---------------------------------------------------------------- pixels
+
+_INVERTED: dict[str, frozenset[str]] = {}  # CSV path -> ImageIDs whose rows say MONOCHROME1
+
+
+def _table_near(path: str) -> str | None:
+    """The labels CSV(.gz) of the release an image belongs to: beside a flat image, or one up."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for d in (folder, os.path.dirname(folder)):
+        for name in (CSV_NAME, CSV_NAME + ".gz"):
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def _monochrome1(csv_path: str) -> frozenset[str]:
+    """ImageIDs of MONOCHROME1 rows; the table is streamed (only two columns kept) once per process."""
+    if csv_path not in _INVERTED:
+        opener = gzip.open if csv_path.endswith(".gz") else open
+        old_limit = csv.field_size_limit(1 << 24)
+        try:
+            with opener(csv_path, "rt", encoding="utf-8-sig", newline="") as f:
+                _INVERTED[csv_path] = frozenset(
+                    (row.get("ImageID") or "").strip() for row in csv.DictReader(f)
+                    if (row.get("PhotometricInterpretation_DICOM") or "").strip().upper() == "MONOCHROME1")
+        finally:
+            csv.field_size_limit(old_limit)
+    return _INVERTED[csv_path]
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """uint16 [H, W] -> the same image min-max stretched to 0..65535 (a flat image -> zeros)."""
+    lo, hi = int(image.min()), int(image.max())
+    if hi == lo:
+        return np.zeros_like(image, np.uint16)
+    scaled = (image.astype(np.float64) - lo) * (65535.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 65535).astype(np.uint16)
+
+
+def pixels(path: str, monochrome1: bool) -> np.ndarray:
+    """A PadChest file -> uint16 [H, W], full range, dense = bright."""
+    image = stretch(imaging.read(path))
+    return np.uint16(65535) - image if monochrome1 else image
+
+
+def load(item: Item, resolution: int, fit: str) -> np.ndarray:
+    """Pixels of ``item`` fitted to R x R; the photometric interpretation comes from the CSV."""
+    table = _table_near(item.path)
+    if table is None:
+        raise imaging.ImageError(f"cannot find {CSV_NAME} beside the image or one folder up "
+                                 f"(needed for PhotometricInterpretation_DICOM)")
+    try:
+        inverted = os.path.basename(item.path) in _monochrome1(table)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise imaging.ImageError(f"cannot read {os.path.basename(table)}: {' '.join(str(e).split())[:200]}") from None
+    return imaging.fit_square(pixels(item.path, inverted), resolution, fit)

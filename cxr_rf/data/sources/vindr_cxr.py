@@ -13,9 +13,22 @@ name differs between the files) is not needed. Bounding boxes (annotations_*.csv
 Aggregation (a decision): every reader assessed every label, so 0 is an assertion of absence.
 Per image and finding, k of n readers positive (a finding fed by several columns counts a reader
 once): k = 0 -> negative, k > n/2 -> positive (majority; 2 of 3, or the test consensus), else
-uncertain (a minority call, e.g. 1 of 3). Any positive pathology makes No Finding negative.
+uncertain (a minority call, e.g. 1 of 3). Then, as CheXpert's labeller does:
+- a parent finding (CheXpert's hierarchy: Lung Opacity over Lung Lesion, Edema, Consolidation,
+  Pneumonia, Atelectasis; Consolidation over Pneumonia; Enlarged Cardiomediastinum over
+  Cardiomegaly) that came out negative becomes unmentioned when a child is positive or
+  uncertain: readers tick the most specific label, so an unticked parent is not an absence;
+- No Finding: negative when a pathology is positive; a positive No Finding becomes uncertain
+  when a pathology is uncertain (a minority of readers saw something).
 A reader row with a value other than 0/1 is rejected and the image is aggregated over its
 remaining readers. Support Devices is never annotated: unmentioned.
+
+Verified against the release documentation (``../shared/reference/datasets.md``): the
+annotations/ and train/, test/ layout, one 0/1 column per label with three readers per train
+image, "Other disease" vs "Other diseases", PA only, sex/age only in the DICOM headers, and
+JPEG 2000 pixels whose BitsStored (10/12) understates the decoded values (handled in
+``imaging``). Assumed (decisions, not documented by the release): the term -> finding table,
+the vote thresholds, the parent/No Finding rules, a single consensus row per test image.
 
 Sex and age are only in the DICOM headers: items carry ``dicom_meta=True`` and the converter
 reads them. No patient ids are released, so each image is its own patient (the official
@@ -52,6 +65,13 @@ IGNORED = ("Calcification", "Emphysema", "Enlarged PA", "Mediastinal shift", "Pu
 # Findings some VinDr label feeds: only these can become negative.
 COVERED = tuple(f for f in cond.FINDINGS if any(f in fs for fs in TERMS.values()))
 _VALUES = {"0": False, "0.0": False, "1": True, "1.0": True}
+# CheXpert's label hierarchy: a positive/uncertain child leaves a negative parent unmentioned.
+PARENTS: dict[str, tuple[str, ...]] = {
+    "Lung Opacity": ("Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis"),
+    "Consolidation": ("Pneumonia",),
+    "Enlarged Cardiomediastinum": ("Cardiomegaly",),
+}
+PATHOLOGIES = tuple(f for f in cond.FINDINGS if f not in ("No Finding", "Support Devices"))
 
 MAPPING = "\n".join(
     ["| source label | CheXpert finding | state |", "|---|---|---|"]
@@ -59,11 +79,19 @@ MAPPING = "\n".join(
        for t, fs in TERMS.items()]
     + [f"| {t} | — | ignored (no counterpart) |" for t in IGNORED]
     + ["| (not annotated) | Support Devices | unmentioned |",
+       "| (hierarchy) | " + ", ".join(PARENTS) + " | negative -> unmentioned when a child finding "
+       "(CheXpert hierarchy) is positive or uncertain |",
+       "| (any pathology) | No Finding | negative when a pathology is positive; positive -> uncertain "
+       "when a pathology is uncertain |",
        "", "| field | rule |", "|---|---|",
        "| view | PA (the release kept only PA radiographs) |",
        "| sex, age | from the DICOM header by the converter (dicom_meta=True) |",
        "| race | not provided -> unknown |",
        "| split | train/ -> train, test/ -> test (official); an image in both files keeps train |",
+       "| pixels | JPEG 2000; BitsStored 10/12 understates the decoded 16-bit values: not masked (imaging) |",
+       "| verified | layout, label columns, 3 readers per train image, PA only, DICOM-only sex/age, "
+       "BitsStored mismatch (datasets.md) |",
+       "| assumed | term -> finding table, vote thresholds, hierarchy and No Finding rules |",
        ""])
 
 
@@ -76,8 +104,16 @@ def aggregate(readers: list[np.ndarray]) -> np.ndarray:
         if f in COVERED:
             k = int(votes[i])
             out[i] = cond.NEGATIVE if k == 0 else cond.POSITIVE if 2 * k > n else cond.UNCERTAIN
-    if (out[1:] == cond.POSITIVE).any():
+    found = (cond.POSITIVE, cond.UNCERTAIN)
+    for parent, children in PARENTS.items():
+        p = cond.FINDINGS.index(parent)
+        if out[p] == cond.NEGATIVE and any(out[cond.FINDINGS.index(c)] in found for c in children):
+            out[p] = cond.UNMENTIONED
+    pathology = out[[cond.FINDINGS.index(f) for f in PATHOLOGIES]]
+    if (pathology == cond.POSITIVE).any():
         out[0] = cond.NEGATIVE
+    elif (pathology == cond.UNCERTAIN).any() and out[0] == cond.POSITIVE:
+        out[0] = cond.UNCERTAIN
     return out
 
 
