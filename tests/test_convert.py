@@ -111,12 +111,14 @@ def test_bad_files_are_rejected_with_reasons(messy, tmp_path, capsys):
     assert code == 1 and "4 of 10 inputs rejected" in err and err.count("\n") == 1
     assert "rejected 4 of 10 inputs" in printed and not (out / "dataset_info.json").exists()
     rejects = {Path(r["path"]).name: r["reason"]
-               for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
-    assert set(rejects) == {"truncated.dcm", "notes.dcm", "cine.dcm", "labels.csv:row 4"}
+               for r in map(json.loads, convert.rejects_log(out).read_text().splitlines())}
+    assert set(rejects) == {"truncated.dcm", "notes.dcm", "cine.dcm", "labels.csv:row 4 (image badlabel.dcm)"}
     assert "pixel data could not be decoded" in rejects["truncated.dcm"]
     assert "no pixel data" in rejects["notes.dcm"]
     assert "multi-frame" in rejects["cine.dcm"]
-    assert "'No Finding'" in rejects["labels.csv:row 4"] and "badlabel.dcm" in rejects["labels.csv:row 4"]
+    assert "'No Finding'" in rejects["labels.csv:row 4 (image badlabel.dcm)"]
+    assert not any("badlabel" in r for r in rejects.values())  # file names stay in the path
+    assert not (out / "rejects.jsonl").exists()  # the log lives beside OUT, not in it
     work = {p.name: p.stat().st_mtime_ns for p in (out / ".work").glob("*.array_record")}
     code, printed, _ = _cli(capsys, *args, "--max_reject_fraction", "0.5")
     assert code == 0 and "wrote 6 examples" in printed
@@ -191,8 +193,57 @@ def test_interrupted_conversion_resumes_exactly(tmp_path, monkeypatch):
         st = (tmp_path / "run" / f"cxr-{shard}").stat()
         assert (st.st_ino, st.st_mtime_ns) in done.values()  # kept, not rewritten
     assert not work.exists()
-    for f in ("stats.json", "rejects.jsonl", "dataset_info.json", "cxr-train.array_record-00002-of-00003"):
+    for f in ("stats.json", "stats.txt", "dataset_info.json", "cxr-train.array_record-00002-of-00003"):
         assert (tmp_path / "run" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert convert.rejects_log(tmp_path / "run").read_bytes() == convert.rejects_log(tmp_path / "ref").read_bytes()
+
+
+def test_shard_ranges_in_two_processes_then_publish_equal_one_process(tmp_path, capsys):
+    """Two processes convert disjoint shard ranges of one plan into one OUT; --publish then
+    gives exactly the files of a single-process conversion (rejects log included)."""
+    raw = _dicom_dir(tmp_path / "raw", 12)
+    (raw / "notes.dcm").write_text("not a radiograph")  # a reject, reported once
+    args = ["--source", "dicom_dir", "--input", str(raw), "--resolution", str(RES), "--shards", "2",
+            "--max_reject_fraction", "0.5", "--no-progress"]
+    assert _cli(capsys, *args[:-1], "--output", tmp_path / "ref")[0] == 0
+    out = tmp_path / "run"
+    n = len(list((tmp_path / "ref").glob("cxr-*.array_record-*")))
+    assert n >= 3
+    procs = [subprocess.Popen([sys.executable, "-m", "cxr_rf.data.convert", *args, "--output", str(out),
+                               "--shard_range", r], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in ("0:2", f"2:{n + 5}")]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), results
+    assert any("0 shards still to do; run with --publish" in o for o, _, _ in results), results
+    assert not (out / "dataset_info.json").exists() and not convert.rejects_log(out).exists()
+    code, _, err = _cli(capsys, *args[:-1], "--output", out, "--shard_range", "0:1", "--overwrite")
+    assert code == 2 and "--overwrite cannot be combined" in err
+    code, printed, _ = _cli(capsys, *args[:-1], "--output", out, "--publish")
+    assert code == 0 and "wrote 12 examples" in printed
+    files = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    for f in files:
+        assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert convert.rejects_log(out).read_bytes() == convert.rejects_log(tmp_path / "ref").read_bytes()
+
+
+def test_publish_needs_every_shard(tmp_path, capsys):
+    raw = _dicom_dir(tmp_path / "raw", 6)
+    args = ["--source", "dicom_dir", "--input", raw, "--resolution", RES, "--shards", "2",
+            "--output", tmp_path / "o"]
+    code, _, err = _cli(capsys, *args, "--publish")
+    assert code == 2 and "nothing to publish" in err and err.count("\n") == 1
+    assert _cli(capsys, *args, "--shard_range", "0:1")[0] == 0
+    code, _, err = _cli(capsys, *args, "--publish")
+    assert code == 1 and "shards are not converted yet" in err and err.count("\n") == 1
+    for bad in ("2", "3:1", "a:b"):
+        code, _, err = _cli(capsys, *args, "--shard_range", bad)
+        assert code == 2 and "shard_range" in err, bad
+    code, _, err = _cli(capsys, *args, "--shard_range", "99:100")
+    assert code == 2 and "starts past the plan" in err
+    assert _cli(capsys, *args, "--shard_range", "1:99")[0] == 0
+    code, printed, _ = _cli(capsys, *args, "--publish")
+    assert code == 0 and "wrote 6 examples" in printed
 
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch):
@@ -223,7 +274,7 @@ def test_pydicom_files_through_dicom_dir_with_two_workers(tmp_path):
     s2 = convert.convert("dicom_dir", tmp_path / "w2", SourceOptions(input_dir=str(raw), resolution=RES),
                          workers=2, **kw)
     assert s1 == s2 and _same(_records(tmp_path / "w1"), _records(tmp_path / "w2"))
-    rejects = [json.loads(line) for line in (tmp_path / "w1" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in convert.rejects_log(tmp_path / "w1").read_text().splitlines()]
     assert all(r["reason"] and "internal error" not in r["reason"] for r in rejects)
     assert s1["total"]["count"] >= 40 and s1["total"]["count"] + len(rejects) == candidates
     assert any(r["reason"].startswith("no decoder for transfer syntax") for r in rejects)
@@ -271,7 +322,7 @@ def test_num_limits_a_real_source_and_the_table_reports_it(tmp_path, capsys):
     lines = printed.splitlines()
     assert lines[0].split() == ["split", "examples", "dicom_dir"]  # per split x per source
     assert "total 3 3" in [" ".join(line.split()) for line in lines]
-    assert "rejected 0 of 3 inputs" in printed and (tmp_path / "o" / "rejects.jsonl").read_text() == ""
+    assert "rejected 0 of 3 inputs" in printed and convert.rejects_log(tmp_path / "o").read_text() == ""
     recs = [r for rs in _records(tmp_path / "o").values() for r in rs]
     assert sorted(r["age"] for r in recs) == [40.0, 41.0, 42.0]  # the first 3 files, header ages
     assert all(r["view"] == "PA" and r["source"] == "dicom_dir" for r in recs)

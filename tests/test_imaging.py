@@ -296,3 +296,27 @@ def test_records_and_files_share_one_decoder(tmp_path):
         path = _png(tmp_path / f"{name}.png", arr)
         with open(path, "rb") as f:
             assert np.array_equal(imaging.decode_png(f.read()), imaging.read_raster(path)), name
+
+
+def test_burned_in_annotation_allowed_on_request_is_flagged(tmp_path):
+    v = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    f = write_dicom(tmp_path / "b.dcm", v, BurnedInAnnotation="YES")
+    image, flags = imaging.decode(f, allow_burned_in=True)
+    assert flags == (imaging.BURNED_IN,) and np.array_equal(image, _min_max(v))
+    assert imaging.decode(write_dicom(tmp_path / "c.dcm", v), allow_burned_in=True)[1] == ()
+    with pytest.raises(ImageError, match="BurnedInAnnotation"):
+        imaging.decode(f)
+
+
+def test_stretch_and_invert_options(tmp_path):
+    """16-bit PNGs using part of the range are stretched on request, then optionally inverted."""
+    v = np.random.default_rng(2).integers(300, 3000, (12, 10)).astype(np.uint16)
+    f = _png(tmp_path / "p.png", v)
+    assert np.array_equal(imaging.read(f), v)  # never stretched unless asked
+    assert np.array_equal(imaging.read(f, stretch=True), _min_max(v))
+    assert np.array_equal(imaging.read(f, stretch=True, invert=True), 65535 - _min_max(v))
+    assert np.array_equal(imaging.read(f, invert=True), 65535 - v)
+    flat = _png(tmp_path / "flat.png", np.full((9, 9), 1234, np.uint16))
+    assert not imaging.read(flat, stretch=True).any()  # a flat image -> zeros, no division by 0
+    out = imaging.load(f, 8, "pad", stretch=True)
+    assert out.shape == (8, 8) and out.max() > 10 * int(v.max())  # stretched before resizing

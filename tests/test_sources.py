@@ -202,7 +202,7 @@ def test_chexpert_full_release_converts(tmp_path):
     import json
     stats = json.loads((out / "stats.json").read_text())
     assert sum(s["count"] for s in stats["splits"].values()) == len(items) == 6
-    assert sum(1 for _ in open(out / "rejects.jsonl")) == len(rejects)
+    assert sum(1 for _ in open(convert.rejects_log(out))) == len(rejects)
 
 
 def test_nih(tmp_path):
@@ -218,7 +218,7 @@ def test_nih(tmp_path):
     assert len(rejects) == 4
     text = reasons(rejects)
     assert "unknown label 'Foo'" in text and "00000005_000.png: image file not found" in text
-    assert "patient 3 is also in the official test split" in text and "listed in both" in text
+    assert "patient is also in the official test split" in text and "listed in both" in text
     states(it["00000001_000.png"], No_Finding=N, Cardiomegaly=P)
     states(it["00000001_001.png"], No_Finding=N, Cardiomegaly=P)  # Emphysema ignored
     x = it["00000001_002.png"]
@@ -285,7 +285,8 @@ def test_padchest_pixels_are_rescaled_and_monochrome1_inverted(tmp_path, flat):
         with Image.open(it[name].path) as im:
             raw = np.asarray(im).astype(np.float64)
         assert raw.max() < 4096  # only part of the 16-bit range on disk
-        out = padchest.load(it[name], fx.SIZE, "pad")
+        assert it[name].stretch and it[name].invert == (name in fx.PADCHEST_MONOCHROME1)
+        out = _item_pixels(it[name])
         assert out.dtype == np.uint16 and out.shape == (fx.SIZE, fx.SIZE)
         assert out.min() == 0 and out.max() == 65535
         expect = (raw - raw.min()) / (raw.max() - raw.min()) * 65535
@@ -300,7 +301,14 @@ def test_padchest_pixels_are_rescaled_and_monochrome1_inverted(tmp_path, flat):
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(imaging.ImageError):
-        padchest.load(it["i1.png"], fx.SIZE, "pad")
+        _item_pixels(it["i1.png"])
+    assert not hasattr(padchest, "load")  # the Item's fields say everything; no CSV re-read
+
+
+def _item_pixels(item, size=None):
+    """An Item's pixels at R x R as the converter's worker makes them."""
+    from cxr_rf.data import worker
+    return worker.to_record(worker.WorkerConfig(item.source, "salt", size or fx.SIZE), item).image
 
 
 def test_padchest_convert_rejects_bad_files_and_keeps_the_rest(tmp_path):
@@ -312,7 +320,7 @@ def test_padchest_convert_rejects_bad_files_and_keeps_the_rest(tmp_path):
         f.write(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
     convert.convert("padchest", out, sources.SourceOptions(input_dir=d, resolution=8), max_reject_fraction=1.0)
-    lines = [json.loads(x) for x in open(out / "rejects.jsonl")]
+    lines = [json.loads(x) for x in open(convert.rejects_log(out))]
     assert len(lines) == 4 and any(x["path"].endswith("i4.png") for x in lines), lines
     import tensorflow_datasets as tfds
 
@@ -499,5 +507,122 @@ def test_convert_end_to_end(tmp_path, name):
     want = [(it.split or plan.patient_split(it.patient_id), tuple(it.findings.tolist()), it.view,
              it.race, it.report) for it in items]
     assert sorted(got) == sorted(want)
-    assert sum(1 for _ in open(out / "rejects.jsonl")) == len(rejects)
+    assert sum(1 for _ in open(convert.rejects_log(out))) == len(rejects)
     assert json.loads((out / "stats.json").read_text())
+    assert_no_raw_ids(out, items)
+
+
+def assert_no_raw_ids(out, items):
+    """No raw patient or study id of the fixture in any file inside the dataset directory,
+    nor in any decoded record field but the pixels. An id matches as a whole word; ids
+    shorter than 3 characters (NIH's patient "3") would match ordinary counts and are not
+    searched."""
+    import re
+
+    import tensorflow_datasets as tfds
+    from array_record.python import array_record_module
+
+    from cxr_rf.data import schema
+    ids = {i for it in items for i in (it.patient_id, it.study_id) if len(i) >= 3}
+    assert ids, "the fixture has no id long enough to search for"
+    pattern = re.compile(rb"(?<![A-Za-z0-9])(" + b"|".join(
+        re.escape(i.encode()) for i in sorted(ids, key=len, reverse=True)) + rb")(?![A-Za-z0-9])")
+    blobs = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(n.endswith("stats.json") for n in blobs) and any(".array_record-" in n for n in blobs)
+    for shard in out.glob("*.array_record-*"):  # the records' bytes, uncompressed
+        reader = array_record_module.ArrayRecordReader(str(shard))
+        blobs.update((f"{shard.name}[{j}]", raw) for j, raw in enumerate(reader.read_all()))
+        reader.close()
+    builder = tfds.builder_from_directory(str(out))
+    for split in builder.info.splits:  # and every decoded field but the pixels
+        src = builder.as_data_source(split)
+        for j in range(len(src)):
+            ex = schema.from_example(src[j], decode=False)
+            blobs[f"{split}[{j}]"] = repr({k: v for k, v in ex.items() if k != "image_png"}).encode()
+    for name, blob in blobs.items():
+        found = pattern.search(blob)
+        assert found is None, f"raw id {found.group().decode()!r} in {name}"
+
+
+def test_excluded_inputs_are_reported_apart_and_not_counted_as_rejects(tmp_path):
+    """PadChest's Projection EXCLUDE row is excluded, not rejected: it is listed apart in
+    stats.json, stats.txt and the rejects log, and leaves the reject fraction alone."""
+    import json
+
+    from cxr_rf.data import convert
+    d = fx.make_padchest(str(tmp_path / "raw"))
+    _, rejects = run("padchest", d)
+    kinds = sorted(r.kind for r in rejects)
+    assert kinds == [sources.EXCLUDED, sources.REJECTED, sources.REJECTED], reasons(rejects)
+    out = tmp_path / "out"
+    # 2 rejected of the 7 inputs not excluded (28.6%) pass 30%; 3 of 8 (37.5%) would not.
+    stats = convert.convert("padchest", out, sources.SourceOptions(input_dir=d, resolution=8),
+                            max_reject_fraction=0.3)
+    assert (stats["rejects"]["count"], stats["rejects"]["inputs"]) == (2, 7)
+    assert stats["excluded"]["count"] == 1 and stats["flags"] == {}
+    (reason,) = stats["excluded"]["reasons"]
+    assert "Projection is EXCLUDE" in reason and reason not in stats["rejects"]["reasons"]
+    assert stats == json.loads((out / "stats.json").read_text())
+    text = (out / "stats.txt").read_text()
+    assert "rejected 2 of 7 inputs" in text and "excluded 1 inputs on purpose" in text
+    log = [json.loads(x) for x in open(convert.rejects_log(out))]
+    assert sorted(x["kind"] for x in log) == kinds
+    # format_stats still prints an older stats.json (no "excluded" or "flags")
+    from cxr_rf.data.stats import format_stats
+    old = {k: v for k, v in stats.items() if k not in ("excluded", "flags")}
+    assert "rejected 2 of 7 inputs" in format_stats(old) and "excluded" not in format_stats(old)
+
+
+def test_vindr_burned_in_annotation_is_a_flag_and_000Y_an_unknown_age(tmp_path):
+    """On a public de-identified release, BurnedInAnnotation YES is counted, not rejected;
+    VinDr's "000Y" is a missing age, not a newborn."""
+    import json
+
+    import pydicom
+
+    from cxr_rf.data import convert
+    from cxr_rf.data.sources.common import dicom_demographics
+    d = fx.make_vindr(str(tmp_path / "raw"))
+    items, rejects = run("vindr_cxr", d)
+    first, second = items[0], items[1]
+    for item, tag, value in ((first, "BurnedInAnnotation", "YES"), (second, "PatientAge", "000Y")):
+        ds = pydicom.dcmread(item.path)
+        setattr(ds, tag, value)
+        ds.save_as(item.path)
+    out = tmp_path / "out"
+    stats = convert.convert("vindr_cxr", out, sources.SourceOptions(input_dir=d, resolution=8),
+                            max_reject_fraction=1.0)
+    assert stats["flags"] == {"burned_in_annotation": 1}
+    assert stats["total"]["count"] == len(items) and stats["rejects"]["count"] == len(rejects) - sum(
+        r.kind == sources.EXCLUDED for r in rejects)
+    assert "burned_in_annotation 1" in (out / "stats.txt").read_text()
+    assert not any("BurnedIn" in json.loads(x)["reason"] for x in open(convert.rejects_log(out)))
+    assert _record(second).age == -1.0 and _record(items[2]).age == 45.0
+    ages = {a: dicom_demographics(pydicom.Dataset({}) if a is None else _ds(PatientAge=a))["age"]
+            for a in (None, "000Y", "000D", "006M", "045Y", "151Y")}
+    assert ages == {None: -1.0, "000Y": -1.0, "000D": 0.0, "006M": 0.5, "045Y": 45.0, "151Y": -1.0}
+
+
+def _ds(**tags):
+    import pydicom
+    ds = pydicom.Dataset()
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _record(item):
+    from cxr_rf.data import worker
+    return worker.to_record(worker.WorkerConfig(item.source, "salt", fx.SIZE), item)
+
+
+def test_brax_pngs_are_stretched_to_the_full_range(tmp_path):
+    from PIL import Image
+    d = fx.make_brax(str(tmp_path))
+    v = np.random.default_rng(3).integers(100, 3000, (fx.SIZE, fx.SIZE)).astype(np.uint16)
+    Image.fromarray(v).save(os.path.join(d, "images/id_1/Study_1/a.png"))
+    a, _, c, _ = run("brax", d)[0]
+    assert a.stretch and not c.stretch  # a DICOM's window already spans the range
+    out = _item_pixels(a).astype(np.float64)
+    want = np.rint((v - v.min()) / (v.max() - v.min()) * 65535.0)
+    assert np.abs(out - want).max() <= 1.0 and out.min() == 0 and out.max() == 65535

@@ -3,6 +3,7 @@
     python -m cxr_rf.data.convert --source NAME --input RAW_DIR --output OUT_DIR --resolution R \\
         [--workers N] [--max_reject_fraction F] [--fit pad|crop] [--salt SECRET]
     python -m cxr_rf.data.convert --source phantom --output DIR --num 512 --resolution 64
+    ... --shard_range A:B   (on each machine, disjoint ranges)   then   ... --publish   (once)
 
 How a conversion runs:
   1. the source (``cxr_rf/data/sources/<name>.py``) lists Items from metadata only;
@@ -10,16 +11,28 @@ How a conversion runs:
   3. each shard's images are decoded, fitted and PNG-encoded by ``worker.process`` in a pool
      of ``--workers`` processes; the shard is written under ``OUT/.work/`` and renamed when
      complete, with a small JSON (counts, rejects) that marks it done;
-  4. at the end the shards get their TFDS names, then ``rejects.jsonl``, ``stats.json``,
-     ``stats.txt``, ``features.json`` and, last, ``dataset_info.json`` are written.
+  4. at the end the shards get their TFDS names, then ``stats.json``, ``stats.txt``,
+     ``features.json`` and, last, ``dataset_info.json`` are written into OUT, and the
+     rejects log ``OUT.rejects.jsonl`` beside it (``rejects_log(OUT)``).
 A dataset is usable once ``dataset_info.json`` exists (``tfds.builder_from_directory(OUT)``).
 Rerunning an interrupted command resumes: finished shards are kept, the rest redone, and the
 result is identical to an uninterrupted run. If more than ``--max_reject_fraction`` of the
 inputs are rejected, nothing is published and the exit code is 1 (rerunning with a higher
-threshold publishes without redoing any work).
+threshold publishes without redoing any work). Inputs a source excludes on purpose (authors'
+exclusions, a patient in two official splits) are reported apart and never count as rejected;
+images converted with a noted property (``BurnedInAnnotation YES`` in a public release) are
+counted under ``flags``.
 
-``OUT/rejects.jsonl`` lists input paths, which can contain original ids: it is an operator's
-log, not part of the dataset; delete it before sharing a dataset.
+No raw patient or study id is written inside OUT: records hold salted hashes, and reject
+reasons (counted in ``stats.json``/``stats.txt``) carry none. The rejects log
+``OUT.rejects.jsonl`` lists input paths, which can contain original ids, so it lives beside
+the dataset, not in it: an operator's log, never shared with the dataset.
+
+Several machines: the plan's shards are numbered 0..N-1 (split by split, in plan order) and
+``--shard_range A:B`` converts only shards A..B-1 into ``OUT/.work`` (a shared directory; the
+ranges must not overlap), without publishing. Once every range is done, one ``--publish`` run
+with the same arguments (minus the range) checks that all N shards are there and publishes
+exactly what a single process would have (byte for byte).
 """
 from __future__ import annotations
 
@@ -47,13 +60,14 @@ from cxr_rf.data.stats import format_stats
 from cxr_rf.data.writer import INFO_FILES, NAME_RE, VERSION, publish_split, shard_writer, write_info
 
 # Only what this module defines: import every other name from the module that defines it.
-__all__ = ["UsageError", "TooManyRejects", "convert", "convert_phantom", "main"]
+__all__ = ["UsageError", "TooManyRejects", "convert", "convert_phantom", "rejects_log", "main"]
 
 DEFAULT_SALT = sources.DEFAULT_SALT
 DEFAULT_MAX_REJECT_FRACTION = 0.01
 SOURCES = sources.SOURCES
 WORK = ".work"
-# What a conversion writes into OUT; --overwrite deletes only these.
+# What a conversion writes into OUT; --overwrite deletes only these (rejects.jsonl: older
+# conversions wrote their log inside OUT).
 _OWN_FILES = re.compile(r"^([a-z][a-z0-9_]*-[a-z][a-z0-9_]*\.array_record-\d{5}-of-\d{5}"
                         r"|dataset_info\.json|features\.json|stats\.json|stats\.txt|metadata\.json"
                         r"|rejects\.jsonl)$")
@@ -69,6 +83,12 @@ class TooManyRejects(errors.RunError):
     def __init__(self, message: str, stats: dict[str, Any]):
         super().__init__(message)
         self.stats = stats
+
+
+def rejects_log(out_dir: str | os.PathLike) -> Path:
+    """Where the rejects log of the dataset at ``out_dir`` goes: ``<OUT>.rejects.jsonl`` beside it."""
+    out = Path(out_dir).absolute()
+    return out.with_name(out.name + ".rejects.jsonl")
 
 
 def _unit_done(name: str) -> None:
@@ -107,7 +127,7 @@ def _clear(out: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may share OUT/.work
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -151,8 +171,14 @@ def _check_args(source: str, opts: SourceOptions, shards: Any, shard_size: Any, 
 def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
             shards: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
             fit: str = "pad", max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION,
-            name: str = "cxr", overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+            name: str = "cxr", overwrite: bool = False, progress: bool = False,
+            shard_range: tuple[int, int] | None = None, publish_only: bool = False) -> dict[str, Any]:
     """Convert ``source`` into a dataset at ``out_dir`` (resuming unfinished work); returns the stats.
+
+    ``shard_range=(a, b)`` converts only the plan's shards a..b-1 (of N) and publishes nothing;
+    it returns ``{"shard_range": [a, min(b, N)], "shards": N, "pending": shards still to do}``.
+    ``publish_only`` converts nothing and publishes once every shard is done (RunError
+    otherwise). Both keep other processes' work: they never clear OUT (no ``overwrite``).
 
     Raises UsageError for bad arguments, input or output (before writing anything),
     TooManyRejects when the reject fraction exceeds ``max_reject_fraction`` (the work is kept
@@ -161,6 +187,17 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
     re-import the main script, as multiprocessing always does outside fork).
     """
     _check_args(source, opts, shards, shard_size, workers, fit, max_reject_fraction, name)
+    if shard_range is not None:
+        if not (isinstance(shard_range, (tuple, list)) and len(shard_range) == 2
+                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard_range)
+                and 0 <= shard_range[0] < shard_range[1]):
+            raise UsageError(f"shard_range must be A:B with 0 <= A < B; got {shard_range}")
+    distributed = shard_range is not None or publish_only
+    if distributed and overwrite:
+        raise UsageError("--overwrite cannot be combined with --shard_range or --publish "
+                         "(other processes' shards would be deleted)")
+    if shard_range is not None and publish_only:
+        raise UsageError("pass either --shard_range or --publish, not both")
     try:
         out = Path(schema.filesystem_path(out_dir, "output")).absolute()
     except ValueError as e:
@@ -176,6 +213,15 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
         where = opts.input_dir or "the source"
         raise UsageError(f"source {source!r} found no images in {where}")
     work = out / WORK
+    if publish_only and state != "unfinished":
+        raise UsageError(f"nothing to publish in {out}: no unfinished conversion there"
+                         + (" (it already holds a dataset)" if state != "fresh" else ""))
+    if shard_range is not None and state == "replace":
+        raise UsageError(f"output {out} already holds a dataset; --shard_range needs an empty "
+                         "or unfinished output")
+    if shard_range is not None and shard_range[0] >= len(plan.units):
+        raise UsageError(f"shard_range {shard_range[0]}:{shard_range[1]} starts past the plan's "
+                         f"{len(plan.units)} shards")
     if state == "unfinished":
         try:
             previous = json.loads((work / "plan.json").read_text())["fingerprint"]
@@ -184,6 +230,8 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
         if previous is not None and previous != plan.fingerprint and not overwrite:
             raise UsageError(f"output {out} holds an unfinished conversion of other input or "
                              "settings (pass --overwrite to discard it)")
+        if previous is None and distributed:
+            previous = plan.fingerprint  # another process is starting: never clear its work
         if previous != plan.fingerprint:
             state = "replace"
     if state == "replace":
@@ -193,10 +241,21 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
         _write_atomic(work / "plan.json", json.dumps(
             {"fingerprint": plan.fingerprint, "units": [u.name for u in plan.units]}))
     cfg = worker.WorkerConfig(source=source, salt=opts.salt, resolution=opts.resolution, fit=fit)
-    pending = [u for u in plan.units if not _is_done(work, u)]
-    _run(pending, work, cfg, workers, total=plan.num_items,
-         done=plan.num_items - sum(len(u.items) for u in pending),
+    if publish_only:
+        missing = [i for i, u in enumerate(plan.units) if not _is_done(work, u)]
+        if missing:
+            raise errors.RunError(f"{len(missing)} of {len(plan.units)} shards are not converted "
+                                  f"yet (first: shard {missing[0]}); finish their --shard_range "
+                                  "runs, then publish")
+    lo, hi = shard_range if shard_range is not None else (0, len(plan.units))
+    mine = plan.units[lo:hi]
+    pending = [u for u in mine if not _is_done(work, u)]
+    _run(pending, work, cfg, workers, total=sum(len(u.items) for u in mine),
+         done=sum(len(u.items) for u in mine) - sum(len(u.items) for u in pending),
          progress=progress, desc=f"convert {source}")
+    if shard_range is not None:
+        return {"shard_range": [lo, min(hi, len(plan.units))], "shards": len(plan.units),
+                "pending": sum(not _is_done(work, u) for u in plan.units)}
     return _finish(plan, out, name=name, resolution=opts.resolution, source=source,
                    max_reject_fraction=max_reject_fraction)
 
@@ -256,21 +315,24 @@ def _write_unit(unit: Unit, results: Iterator[Any], work: Path, bar) -> None:
     tmp = work / f"{unit.name}.array_record.tmp"
     counts = stats_lib.empty_counts()
     rejects: list[list[str]] = []
+    flags: dict[str, int] = {}
     w = shard_writer(tmp)
     try:
         for _ in unit.items:
             res = next(results)
             if isinstance(res, Reject):
-                rejects.append([res.path, res.reason])
+                rejects.append([res.path, res.reason, res.kind])
             else:
                 w.write(res.example)
                 stats_lib.count(counts, res.meta)
+                for flag in res.flags:
+                    flags[flag] = flags.get(flag, 0) + 1
             bar.update(1)
     finally:
         w.close()
     os.replace(tmp, work / f"{unit.name}.array_record")
     _write_atomic(work / f"{unit.name}.json", json.dumps(
-        {"records": counts["count"], "counts": counts, "rejects": rejects}))
+        {"records": counts["count"], "counts": counts, "rejects": rejects, "flags": flags}))
 
 
 def _finish(plan: Plan, out: Path, *, name: str, resolution: int, source: str,
@@ -278,26 +340,38 @@ def _finish(plan: Plan, out: Path, *, name: str, resolution: int, source: str,
     """Reports always; the dataset only when the rejects are within the threshold."""
     work = out / WORK
     docs = {u.name: json.loads((work / f"{u.name}.json").read_text()) for u in plan.units}
-    rejects = [[r.path, r.reason] for r in plan.rejects]
-    rejects += [r for u in plan.units for r in docs[u.name]["rejects"]]
-    summary = stats_lib.summarize_rejects((r for _, r in rejects), plan.num_items + len(plan.rejects))
+    rejects = [(r.path, r.reason, r.kind) for r in plan.rejects]
+    # Unit documents of older conversions hold [path, reason] (kind: rejected).
+    rejects += [(r[0], r[1], r[2] if len(r) > 2 else sources.REJECTED)
+                for u in plan.units for r in docs[u.name]["rejects"]]
+    excluded = stats_lib.summarize_excluded(r for _, r, k in rejects if k == sources.EXCLUDED)
+    summary = stats_lib.summarize_rejects(
+        (r for _, r, k in rejects if k != sources.EXCLUDED),
+        plan.num_items + len(plan.rejects) - excluded["count"])
+    flags: dict[str, int] = {}
+    for u in plan.units:
+        for flag, n in docs[u.name].get("flags", {}).items():
+            flags[flag] = flags.get(flag, 0) + n
     per_split: dict[str, list[Unit]] = {}
     for u in plan.units:
         per_split.setdefault(u.split, []).append(u)
     counts = {split: stats_lib.merge(docs[u.name]["counts"] for u in units)
               for split, units in per_split.items()}
-    stats = stats_lib.build(name, resolution, {s: c for s, c in counts.items() if c["count"]}, summary)
-    _write_atomic(out / "rejects.jsonl",
-                  "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in rejects))
+    stats = stats_lib.build(name, resolution, {s: c for s, c in counts.items() if c["count"]}, summary,
+                            excluded=excluded, flags=flags)
+    log = rejects_log(out)
+    _write_atomic(log, "".join(json.dumps({"path": p, "reason": r, "kind": k}) + "\n"
+                               for p, r, k in rejects))
+    (out / "rejects.jsonl").unlink(missing_ok=True)  # an older conversion's log inside OUT
     _write_atomic(out / "stats.txt", format_stats(stats) + "\n")
     if summary["fraction"] > max_reject_fraction:
         raise TooManyRejects(
             f"{summary['count']} of {summary['inputs']} inputs rejected "
             f"({100 * summary['fraction']:.2f}% > {100 * max_reject_fraction:g}%); see "
-            f"{out / 'rejects.jsonl'}; nothing published (rerun with a higher "
+            f"{log}; nothing published (rerun with a higher "
             "--max_reject_fraction to publish)", stats)
     if not stats["total"]["count"]:
-        raise errors.RunError(f"no image could be converted; see {out / 'rejects.jsonl'}")
+        raise errors.RunError(f"no image could be converted; see {log}")
     infos = [publish_split(out, name, split, [(work / f"{u.name}.array_record", docs[u.name]["records"])
                                               for u in units])
              for split, units in per_split.items() if counts[split]["count"]]
@@ -354,6 +428,10 @@ def _define_flags() -> None:
     flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset (or discard unfinished "
                          "work of other settings).")
     flags.DEFINE_boolean("no-progress", False, "No progress bar.")
+    flags.DEFINE_string("shard_range", None, "A:B: convert only shards A..B-1 of the plan into "
+                        "OUT/.work (several machines, one shared OUT); publish with --publish.")
+    flags.DEFINE_boolean("publish", False, "Publish a conversion whose shards were all written "
+                         "by --shard_range runs (same other arguments).")
     # The other numbers are checked by convert() itself (_check_args), for library callers too.
     cli.check_number("seed", 0)
 
@@ -367,15 +445,30 @@ def main(argv: list[str]) -> int:
     cli.require("source", "output", "resolution")
     opts = SourceOptions(input_dir=f.input, num=f.num, resolution=f.resolution, seed=f.seed,
                          salt=f.salt, labels_csv=f.labels)
+    shard_range = None
+    if f.shard_range is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", f.shard_range)
+        if not m:
+            raise UsageError(f"--shard_range must be A:B (two non-negative ints); got {f.shard_range!r}")
+        shard_range = (int(m.group(1)), int(m.group(2)))
     try:
         stats = convert(f.source, f.output, opts, shards=f.shards, shard_size=f.shard_size,
                         workers=f.workers, fit=f.fit, max_reject_fraction=f.max_reject_fraction,
-                        name=f.name, overwrite=f.overwrite, progress=not f["no-progress"].value)
+                        name=f.name, overwrite=f.overwrite, progress=not f["no-progress"].value,
+                        shard_range=shard_range, publish_only=f.publish)
     except TooManyRejects as e:
         print(format_stats(e.stats))   # what was rejected; the error line says why it stops
         raise
+    if shard_range is not None:
+        a, b = stats["shard_range"]
+        print(f"converted shards {a}:{b} of {stats['shards']} into {Path(f.output).absolute() / WORK}; "
+              f"{stats['pending']} shards still to do"
+              + ("; run with --publish" if not stats["pending"] else ""))
+        return 0
     print(format_stats(stats))
-    print(f"wrote {stats['total']['count']} examples to {Path(f.output).absolute()}")
+    print(f"wrote {stats['total']['count']} examples to {Path(f.output).absolute()}; rejected "
+          f"and excluded inputs are listed in {rejects_log(f.output)} (raw paths: keep it "
+          "with the raw data, not with the dataset)")
     if f.salt == DEFAULT_SALT and f.source != "phantom":
         print("note: ids were hashed with the public default salt; pass --salt SECRET for "
               "data that leaves your site")

@@ -7,7 +7,9 @@
   headers understate the codestream's precision, e.g. VinDr-CXR), Modality LUT (rescale or LUT),
   VOI LUT (sequence, else WindowCenter/Width, else min-max over the image), MONOCHROME1
   inverted, result spread over the full 0..65535 range. Files flagged BurnedInAnnotation
-  YES are rejected (identifying text in the pixels); overlays are never drawn. Colour and multi-frame DICOMs are
+  YES are rejected (identifying text in the pixels) unless the caller passes
+  ``allow_burned_in`` (public, already de-identified releases: ``decode`` then reports the
+  flag "burned_in_annotation"); overlays are never drawn. Colour and multi-frame DICOMs are
   rejected: a chest radiograph is one grayscale frame, and picking a frame or a colour
   channel silently would hide a wrong file. Compressed transfer syntaxes without an installed
   decoder plugin are rejected with the syntax's name.
@@ -15,6 +17,10 @@
   reduced to luminance with the alpha channel dropped. The same rules decode a file
   (``read_raster``) and a stored record's PNG bytes (``decode_png``, the inverse of
   ``encode_png``), so a dataset's pixels never depend on which path read them.
+* Opt-in, per image (``read``/``decode``/``load`` keywords, set from an Item's fields):
+  ``stretch`` min-max stretches the decoded values to 0..65535 (16-bit PNGs that use only
+  part of the range: PadChest, BRAX), ``invert`` inverts afterwards (MONOCHROME1 images
+  stored as PNG, where the file itself does not say so).
 * ``fit_square``: aspect-preserving, anti-aliased (Lanczos) resize, then pad or crop to R x R;
   the only resizer, also used by the training pipeline to bring stored images to a stage's
   resolution.
@@ -60,16 +66,51 @@ def is_dicom(path: str | os.PathLike) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def read(path: str | os.PathLike) -> np.ndarray:
-    """Any supported file -> uint16 [H, W] at native size, dense = bright."""
-    image = read_dicom(path) if is_dicom(path) else read_raster(path)
+BURNED_IN = "burned_in_annotation"  # the flag ``decode`` reports for an allowed burned-in DICOM
+
+
+def decode(path: str | os.PathLike, *, stretch: bool = False, invert: bool = False,
+           allow_burned_in: bool = False) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Any supported file -> (uint16 [H, W] at native size, dense = bright; flags).
+
+    ``flags`` names what was let through on purpose: ``BURNED_IN`` for a DICOM flagged
+    BurnedInAnnotation YES read with ``allow_burned_in``. ``stretch`` and ``invert``: see the
+    module docstring.
+    """
+    flags: tuple[str, ...] = ()
+    if is_dicom(path):
+        ds = _dcmread(path)
+        if _burned_in(ds) and allow_burned_in:
+            flags = (BURNED_IN,)
+        image = dicom_pixels(ds, allow_burned_in=allow_burned_in)
+    else:
+        image = read_raster(path)
     _check_shape(image)
-    return image
+    if stretch:
+        image = stretch_range(image)
+    if invert:
+        image = np.uint16(65535) - image
+    return image, flags
 
 
-def load(path: str | os.PathLike, resolution: int, fit: str = "pad") -> np.ndarray:
-    """Any supported file -> uint16 [resolution, resolution] (see ``fit_square``)."""
-    return fit_square(read(path), resolution, fit)
+def read(path: str | os.PathLike, *, stretch: bool = False, invert: bool = False,
+         allow_burned_in: bool = False) -> np.ndarray:
+    """Any supported file -> uint16 [H, W] at native size, dense = bright (``decode`` without flags)."""
+    return decode(path, stretch=stretch, invert=invert, allow_burned_in=allow_burned_in)[0]
+
+
+def load(path: str | os.PathLike, resolution: int, fit: str = "pad", **options) -> np.ndarray:
+    """Any supported file -> uint16 [resolution, resolution] (``read`` options, ``fit_square``)."""
+    return fit_square(read(path, **options), resolution, fit)
+
+
+def stretch_range(image: np.ndarray) -> np.ndarray:
+    """uint16 [H, W] -> the same image min-max stretched to 0..65535 (a flat image -> zeros)."""
+    lo, hi = int(image.min()), int(image.max())
+    if hi == lo:
+        return np.zeros_like(image, np.uint16)
+    scaled = (image.astype(np.float64) - lo) * (65535.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 65535).astype(np.uint16)
 
 
 def _check_shape(image: np.ndarray) -> None:
@@ -140,8 +181,16 @@ def _to_uint16(im: Image.Image) -> np.ndarray:
 
 # ---------------------------------------------------------------- DICOM
 
-def read_dicom(path: str | os.PathLike) -> np.ndarray:
+def read_dicom(path: str | os.PathLike, *, allow_burned_in: bool = False) -> np.ndarray:
     """DICOM file -> uint16 [H, W] after Modality LUT, VOI LUT/window and MONOCHROME1 inversion."""
+    return dicom_pixels(_dcmread(path), allow_burned_in=allow_burned_in)
+
+
+def _burned_in(ds) -> bool:
+    return str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"
+
+
+def _dcmread(path: str | os.PathLike):
     import pydicom  # imported here: PNG-only conversions never pay for it
     from pydicom.errors import InvalidDicomError
     try:
@@ -153,17 +202,17 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError,
             AttributeError, IndexError, NotImplementedError) as e:
         raise ImageError(f"not a readable DICOM file: {_one_line(e)}") from None
-    return dicom_pixels(ds)
+    return ds
 
 
-def dicom_pixels(ds) -> np.ndarray:
+def dicom_pixels(ds, *, allow_burned_in: bool = False) -> np.ndarray:
     """A read pydicom Dataset -> uint16 [H, W], dense = bright, full 0..65535 range."""
     with warnings.catch_warnings():  # pydicom warns about every non-conformant value it meets
         warnings.simplefilter("ignore")
-        return _dicom_pixels(ds)
+        return _dicom_pixels(ds, allow_burned_in)
 
 
-def _dicom_pixels(ds) -> np.ndarray:
+def _dicom_pixels(ds, allow_burned_in: bool = False) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
     if "PixelData" not in ds:
         raise ImageError("no pixel data (not an image DICOM)" if "FloatPixelData" not in ds
@@ -175,7 +224,7 @@ def _dicom_pixels(ds) -> np.ndarray:
                  f"SamplesPerPixel {samples})" if photometric or samples != 1
                  else "no PhotometricInterpretation in the header")
         raise ImageError(f"{found}: only MONOCHROME1/2 grayscale is supported")
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+    if _burned_in(ds) and not allow_burned_in:
         # Text burned into the pixels (names, dates) cannot be removed reliably: keep it out.
         raise ImageError("BurnedInAnnotation is YES: the pixels may carry identifying text")
     frames = _int(ds.get("NumberOfFrames", 1), 1)

@@ -139,8 +139,18 @@ def to_example(record: Record) -> dict[str, Any]:
 
 
 def to_bytes(record: Record, feats: tfds.features.FeaturesDict | None = None) -> bytes:
-    """Serialized TFDS example of one record (pass ``feats`` to skip rebuilding the spec)."""
-    return (feats or features()).serialize_example(to_example(record))
+    """Serialized TFDS example of one record (pass ``feats`` to skip rebuilding the spec).
+
+    Deterministic bytes: TFDS's ``serialize_example`` writes the proto's feature map in an
+    order that depends on the process's string hash seed, so two processes (conversion
+    workers, machines converting shard ranges) would write the same record differently;
+    here the map is serialized sorted, whatever the process.
+    """
+    from tensorflow_datasets.core import example_serializer
+    feats = feats or features()
+    encoded = feats.encode_example(to_example(record))
+    proto = example_serializer.ExampleSerializer(feats.get_serialized_info()).get_tf_example(encoded)
+    return proto.SerializeToString(deterministic=True)
 
 
 def from_example(example: Mapping[str, Any], *, decode: bool = True) -> dict[str, Any]:

@@ -1,8 +1,12 @@
 """Label and demographic marginals of a converted dataset, and their printed table.
 
 Counts are plain nested dicts of ints (JSON-ready): per split, then merged into a total, with
-the rejects of the conversion beside them. ``stats.json`` and ``stats.txt`` beside a dataset
-are ``build`` and ``format_stats`` of the same numbers.
+the conversion's report beside them: ``rejects`` (unusable inputs; ``inputs`` and ``fraction``
+leave the excluded out), ``excluded`` (inputs a source dropped on purpose) and ``flags``
+(images converted with a noted property, e.g. ``burned_in_annotation``). ``excluded`` and
+``flags`` are absent from older stats.json files; ``format_stats`` prints either. Reasons
+never carry ids. ``stats.json`` and ``stats.txt`` beside a dataset are ``build`` and
+``format_stats`` of the same numbers.
 """
 from __future__ import annotations
 
@@ -56,14 +60,20 @@ def merge(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def build(name: str, resolution: int, splits: Mapping[str, Mapping[str, Any]],
-          rejects: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The stats document: per-split counts, their total and (optionally) the rejects summary."""
+          rejects: Mapping[str, Any] | None = None, excluded: Mapping[str, Any] | None = None,
+          flags: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The stats document: per-split counts, their total and (optionally) the rejects summary,
+    the excluded summary (``summarize_excluded``) and the flag counts."""
     order = [s for s in ("train", "validation", "test") if s in splits]
     order += sorted(set(splits) - set(order))
     out = {"name": name, "resolution": int(resolution), "splits": {s: dict(splits[s]) for s in order},
            "total": merge(splits[s] for s in order)}
     if rejects is not None:
         out["rejects"] = dict(rejects)
+    if excluded is not None:
+        out["excluded"] = dict(excluded)
+    if flags is not None:
+        out["flags"] = dict(sorted(flags.items()))
     return out
 
 
@@ -76,6 +86,19 @@ def summarize_rejects(reasons: Iterable[str], inputs: int) -> dict[str, Any]:
     ordered = dict(sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
     return {"count": n, "inputs": int(inputs), "fraction": n / inputs if inputs else 0.0,
             "reasons": ordered}
+
+
+def summarize_excluded(reasons: Iterable[str]) -> dict[str, Any]:
+    """{count, reasons: {reason: n}} of the inputs sources dropped on purpose."""
+    tally = summarize_rejects(reasons, 0)
+    return {"count": tally["count"], "reasons": tally["reasons"]}
+
+
+def _reasons(tally: Mapping[str, int]) -> list[str]:
+    lines = [f"{n:>10}  {reason}" for reason, n in list(tally.items())[:_TOP]]
+    if len(tally) > _TOP:
+        lines.append(f"{'':>10}  ... {len(tally) - _TOP} more reasons")
+    return lines
 
 
 def format_stats(stats: Mapping[str, Any]) -> str:
@@ -100,14 +123,18 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         shown = " | ".join(f"{v} {n}" for v, n in items[:_TOP])
         more = f" | ... {len(items) - _TOP} more" if len(items) > _TOP else ""
         lines.append(f"{key + ':':<8}{shown}{more}")
+    flags = stats.get("flags")
+    if flags:
+        lines.append(f"{'flags:':<8}" + " | ".join(f"{k} {n}" for k, n in flags.items()))
     rejects = stats.get("rejects")
     if rejects is not None:
         lines += ["", f"rejected {rejects['count']} of {rejects['inputs']} inputs "
                       f"({100 * rejects['fraction']:.2f}%)"]
-        for reason, n in list(rejects["reasons"].items())[:_TOP]:
-            lines.append(f"{n:>10}  {reason}")
-        if len(rejects["reasons"]) > _TOP:
-            lines.append(f"{'':>10}  ... {len(rejects['reasons']) - _TOP} more reasons")
+        lines += _reasons(rejects["reasons"])
+    excluded = stats.get("excluded")
+    if excluded is not None and excluded["count"]:
+        lines += ["", f"excluded {excluded['count']} inputs on purpose (not counted as rejected)"]
+        lines += _reasons(excluded["reasons"])
     return "\n".join(lines)
 
 

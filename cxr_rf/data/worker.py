@@ -7,6 +7,8 @@ Anything wrong with one input becomes a reject reason instead of an exception.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -28,9 +30,11 @@ class WorkerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Done:
-    """A converted image: its serialized TFDS example and the fields the statistics count."""
+    """A converted image: its serialized TFDS example, the fields the statistics count and the
+    flags of what was let through on purpose (``imaging.BURNED_IN``)."""
     example: bytes
     meta: dict[str, Any]
+    flags: tuple[str, ...] = ()
 
 
 _FEATURES = None  # the TFDS feature spec, built once per process
@@ -40,25 +44,48 @@ def process(cfg: WorkerConfig, item: Item) -> Done | sources.Reject:
     """Convert one Item; a file or metadata problem becomes a Reject with its reason."""
     global _FEATURES
     try:
-        record = to_record(cfg, item)
+        flags: list[str] = []
+        record = to_record(cfg, item, flags)
         if _FEATURES is None:
             _FEATURES = schema.features()
         return Done(example=schema.to_bytes(record, _FEATURES),
-                    meta={k: getattr(record, k) for k in META_FIELDS})
+                    meta={k: getattr(record, k) for k in META_FIELDS}, flags=tuple(flags))
     except imaging.ImageError as e:
-        return sources.Reject(item.path, str(e))
+        return sources.Reject(item.path, _scrub(str(e), item))
     except ValueError as e:  # Record validation: out-of-range labels, ages, unknown categories
-        return sources.Reject(item.path, f"invalid metadata: {' '.join(str(e).split())}")
+        return sources.Reject(item.path, _scrub(f"invalid metadata: {' '.join(str(e).split())}", item))
     except Exception as e:  # noqa: BLE001 - recorded per file and counted against the threshold
-        return sources.Reject(item.path, f"internal error {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return sources.Reject(item.path, _scrub(
+            f"internal error {type(e).__name__}: {' '.join(str(e).split())[:200]}", item))
 
 
-def to_record(cfg: WorkerConfig, item: Item) -> Record:
-    """Pixels (source ``load`` or ``imaging.load``) + harmonised fields + salted-hash ids."""
+def _scrub(reason: str, item: Item) -> str:
+    """The reason without the item's path, file name or raw ids (library messages, e.g. an
+    OSError's, may quote them; reasons are counted in stats.json, paths stay in the rejects log)."""
+    path = item.path
+    # Whole words of 3+ characters only: shorter ones (NIH's patient "3", a file "v.dcm")
+    # would blank ordinary numbers and words.
+    for texts, mark in (((path, os.path.abspath(path), os.path.basename(path),
+                          os.path.splitext(os.path.basename(path))[0]), "<file>"),
+                        ((item.patient_id, item.study_id), "<id>")):
+        for text in sorted({t for t in texts if t and len(t) >= 3}, key=len, reverse=True):
+            reason = re.sub(rf"(?<![A-Za-z0-9]){re.escape(text)}(?![A-Za-z0-9])", mark, reason)
+    return reason
+
+
+def to_record(cfg: WorkerConfig, item: Item, flags: list[str] | None = None) -> Record:
+    """Pixels (source ``load`` or ``imaging.load`` with the Item's pixel options) + harmonised
+    fields + salted-hash ids; flags of the image (``imaging.decode``) are appended to ``flags``."""
     module = sources.get(cfg.source)
     custom = getattr(module, "load", None)
-    image = (custom(item, cfg.resolution, cfg.fit) if custom is not None
-             else imaging.load(item.path, cfg.resolution, cfg.fit))
+    if custom is not None:
+        image = custom(item, cfg.resolution, cfg.fit)
+    else:
+        raw, found = imaging.decode(item.path, stretch=item.stretch, invert=item.invert,
+                                    allow_burned_in=bool(getattr(module, "DEIDENTIFIED_RELEASE", False)))
+        image = imaging.fit_square(raw, cfg.resolution, cfg.fit)
+        if flags is not None:
+            flags.extend(found)
     image = np.asarray(image)
     if image.shape != (cfg.resolution, cfg.resolution):
         raise imaging.ImageError(f"loader returned shape {image.shape}, expected "

@@ -9,7 +9,15 @@ never needs the salt and never has to be trusted with privacy.
 Each module defines ``NAME`` (a ``conditioning.SOURCES`` value), ``items(input_dir, opts)`` and
 ``MAPPING`` (a markdown table of how its labels map onto the shared vocabulary). A module may
 also define ``load(item, resolution, fit) -> uint16 [R, R]`` to produce pixels itself (the
-phantom source does: it has no files).
+phantom source does: it has no files); per-image pixel rules that ``imaging`` applies (stretch
+to the full range, inversion) are Item fields instead. A module that sets
+``DEIDENTIFIED_RELEASE = True`` (a public, already de-identified corpus) has DICOMs flagged
+``BurnedInAnnotation YES`` converted and counted as a flag rather than rejected.
+
+Rows a source drops on purpose (authors' exclusions, a patient in two official splits, a
+duplicate listing) are ``Reject``s of kind ``EXCLUDED`` (``excluded(path, reason)``): reported
+apart from unusable inputs and never counted against ``--max_reject_fraction``. A reason never
+names a patient, study or image id (reasons reach ``stats.json``); put the reference in ``path``.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import numpy as np
 from cxr_rf import conditioning as cond
 from cxr_rf.data.sources.common import SourceError, chexpert_state, read_csv, require_columns
 
-__all__ = ["Item", "Reject", "SourceError", "SourceOptions", "SOURCES", "get", "read_csv",
+__all__ = ["Item", "Reject", "REJECTED", "EXCLUDED", "excluded", "SourceError", "SourceOptions", "SOURCES", "get", "read_csv",
            "require_columns", "chexpert_state"]
 
 DEFAULT_SALT = "cxr_rf"  # pass a secret --salt for real data: small id spaces are brute-forceable
@@ -48,13 +56,30 @@ class Item:
     study_id: str = ""             # RAW id
     report: str = ""
     dicom_meta: bool = False       # True: fill sex/age/view from the DICOM header when they are unknown
+    stretch: bool = False          # True: min-max stretch the decoded pixels to 0..65535 (partial-range PNGs)
+    invert: bool = False           # True: invert after decoding (a MONOCHROME1 image stored as a raster)
+
+
+REJECTED = "rejected"   # unreadable or invalid input: counts toward --max_reject_fraction
+EXCLUDED = "excluded"   # dropped on purpose (authors' exclusions, split conflicts): reported only
 
 
 @dataclasses.dataclass(frozen=True)
 class Reject:
-    """Something a source could not turn into an Item; the conversion records it and goes on."""
+    """Something a source could not (REJECTED) or should not (EXCLUDED) turn into an Item; the
+    conversion records it and goes on. ``reason`` carries no id (it is counted in stats.json)."""
     path: str                      # file or CSV row reference, e.g. "train.csv:row 17"
     reason: str
+    kind: str = REJECTED
+
+    def __post_init__(self):
+        if self.kind not in (REJECTED, EXCLUDED):
+            raise ValueError(f"Reject.kind must be {REJECTED!r} or {EXCLUDED!r}; got {self.kind!r}")
+
+
+def excluded(path: str, reason: str) -> Reject:
+    """An input the source drops on purpose (reported, not counted as a reject)."""
+    return Reject(path, reason, EXCLUDED)
 
 
 def get(name: str) -> ModuleType:

@@ -10,7 +10,9 @@ verify against your copy). ``input_dir`` is the release root::
     images/.../*.png   and/or   Anonymized_DICOMs/.../*.dcm
 
 PngPath is used when its file exists, else DicomPath (then the converter may fill missing
-sex/age/view from the DICOM header). The study id is AccessionNumber when present, else the
+sex/age/view from the DICOM header). The 16-bit PNGs use only part of the range, so PNG items
+are stretched per image to 0..65535 (``Item.stretch``, as for PadChest); a DICOM's VOI/window
+already spans the full range. The study id is AccessionNumber when present, else the
 image's folder.
 
 PatientAge is the START of a 5-year band (``../shared/reference/datasets.md``: "60" = 60-64,
@@ -35,6 +37,7 @@ from cxr_rf.data.sources.common import read_csv, require_columns
 from cxr_rf.data.sources.nih_cxr14 import parse_age
 
 NAME = "brax"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 CSV_NAME = "master_spreadsheet_update.csv"
 _BAND_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _START_RE = re.compile(r"^\d+(\.0*)?$")  # the spreadsheet's plain band start, "60" or "60.0"
@@ -52,6 +55,7 @@ MAPPING = f"""\
 | verified | spreadsheet name and columns, DicomPath/PngPath, age bands (datasets.md) |
 | assumed | relative paths, CheXpert-labeller label values, ViewPosition codes |
 | race | not provided -> unknown |
+| image | PngPath if the file exists (16-bit, stretched per image to the full range), else DicomPath |
 | split | none official -> None (the converter splits by hashed PatientID) |
 """
 
@@ -112,4 +116,4 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         study = (row.get("AccessionNumber") or "").strip() or os.path.relpath(os.path.dirname(path), input_dir)
         yield Item(path=path, split=None, findings=findings, sex=sex, age=brax_age(row["PatientAge"]),
                    view=_view(row["ViewPosition"]), source=NAME, patient_id=patient, study_id=study,
-                   dicom_meta=not path.lower().endswith(".png"))
+                   dicom_meta=not path.lower().endswith(".png"), stretch=path.lower().endswith(".png"))

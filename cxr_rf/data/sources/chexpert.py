@@ -50,10 +50,11 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data.sources import Item, Reject
+from cxr_rf.data.sources import Item, Reject, excluded
 from cxr_rf.data.sources.common import chexpert_state, read_csv, require_columns
 
 NAME = "chexpert"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 LABELS: tuple[str, ...] = cond.FINDINGS  # CheXpert's column names are the shared vocabulary
 _SPLIT_FILES = (("train.csv", "train"), ("valid.csv", "validation"))
 _KEY_RE = re.compile(r"(train|valid|test)/(patient\d+)/(study\d+)/([^/]+?)(\.[A-Za-z0-9]+)?$")
@@ -270,11 +271,11 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
             rel = row["Path"].replace("\\", "/")
             m = _PATIENT_RE.search(rel)
             if not m:
-                yield Reject(ref, f"cannot parse patientNNNNN/studyN from Path {rel!r}")
+                yield Reject(ref, "cannot parse patientNNNNN/studyN from Path")
                 continue
             patient = m.group(1)
             if first_split[patient] != split:
-                yield Reject(ref, f"patient is also in the official {first_split[patient]} split "
+                yield excluded(ref, f"patient is also in the official {first_split[patient]} split "
                                   f"(the first file listing a patient keeps it)")
                 continue
             try:
@@ -302,13 +303,13 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         if key in listed:
             continue
         if key in seen:
-            yield Reject(ref, "path_to_image listed twice (the first row is kept)")
+            yield excluded(ref, "path_to_image listed twice (the first row is kept)")
             continue
         seen.add(key)
         folder, patient, study = key.split("/")[:3]
         split = _PLUS_SPLITS[folder]
         if first_split.setdefault(patient, split) != split:
-            yield Reject(ref, f"patient is also in the official {first_split[patient]} split "
+            yield excluded(ref, f"patient is also in the official {first_split[patient]} split "
                               f"(the first file listing a patient keeps it)")
             continue
         path = resolve("CheXpert-v1.0/" + rel[rel.index(key.split("/")[0] + "/" + patient):],

@@ -70,11 +70,16 @@ _AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 def dicom_demographics(ds) -> dict:
-    """sex / age / view from a pydicom header, "unknown"/-1.0 where absent or malformed."""
+    """sex / age / view from a pydicom header, "unknown"/-1.0 where absent or malformed.
+
+    An age of zero years ("000Y") is a missing value, not a newborn: VinDr-CXR writes it for
+    unknown ages (a newborn's age is given in days, weeks or months: "003D").
+    """
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     age_text = str(ds.get("PatientAge", "") or "").strip().upper()  # e.g. "065Y", "006M"
     age = -1.0
-    if len(age_text) >= 2 and age_text[-1] in _AGE_UNITS and age_text[:-1].isdigit():
+    if (len(age_text) >= 2 and age_text[-1] in _AGE_UNITS and age_text[:-1].isdigit()
+            and not (age_text[-1] == "Y" and int(age_text[:-1]) == 0)):
         years = int(age_text[:-1]) * _AGE_UNITS[age_text[-1]]
         age = years if years < 150 else -1.0
     view = str(ds.get("ViewPosition", "") or "").strip().upper()

@@ -75,7 +75,8 @@ def items(input_dir: str, opts) -> Iterator[Item | Reject]:
         try:
             ds = read_dicom_header(path)
         except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
-            yield Reject(path, f"not a readable DICOM file: {' '.join(str(e).split())[:200]}")
+            message = " ".join(str(e).replace(path, "<file>").replace(rel, "<file>").split())
+            yield Reject(path, f"not a readable DICOM file: {message[:200]}")
             continue
         meta = getattr(ds, "file_meta", None)
         if "DirectoryRecordSequence" in ds or (
@@ -92,7 +93,7 @@ def items(input_dir: str, opts) -> Iterator[Item | Reject]:
                 try:
                     findings, overrides = labels.parse(row)
                 except ValueError as e:
-                    yield Reject(f"{labels.name}:row {row['__row__']}", f"{e} (image {rel})")
+                    yield Reject(f"{labels.name}:row {row['__row__']} (image {rel})", str(e))
                     continue
                 fields.update(overrides)
         yield Item(path=path, split=None, findings=findings, source=NAME, patient_id=patient,

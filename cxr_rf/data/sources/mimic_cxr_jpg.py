@@ -33,12 +33,13 @@ from typing import Iterator
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data.sources import Item, Reject
+from cxr_rf.data.sources import Item, Reject, excluded
 from cxr_rf.data.sources.chexpert import (LABELS, identity_rows, join_report,
                                           label_findings, race_from_text)
 from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "mimic_cxr_jpg"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 PREFIX = "mimic-cxr-2.0.0-"
 _SPLITS = {"train": "train", "validate": "validation", "test": "test"}
 # ViewPosition codes of the metadata table. The rarer ones (reference: "AP AXIAL, LAO, XTABLE
@@ -171,14 +172,14 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
         ref = f"{meta_name}:row {n}"
         subject, study, dicom = row["subject_id"].strip(), row["study_id"].strip(), row["dicom_id"].strip()
         if not (subject.isdigit() and study.isdigit() and dicom):
-            yield Reject(ref, f"bad ids subject_id={subject!r} study_id={study!r} dicom_id={dicom!r}")
+            yield Reject(ref, "bad ids (subject_id and study_id must be digits, dicom_id non-empty)")
             continue
         if dicom in dicom_split and dicom_split[dicom] is None:
-            yield Reject(ref, f"{os.path.basename(split_path)} gives an unknown split for {dicom}")
+            yield Reject(ref, f"{os.path.basename(split_path)} gives an unknown split value for the image")
             continue
         split = dicom_split.get(dicom) or subject_split.get(subject)
         if split is not None and subject_split.get(subject, split) != split:
-            yield Reject(ref, f"patient {subject} is also in the official {subject_split[subject]} split")
+            yield excluded(ref, f"patient is also in the official {subject_split[subject]} split")
             continue
         found = labels.get(study)
         if isinstance(found, str):

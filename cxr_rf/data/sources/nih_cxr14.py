@@ -29,10 +29,11 @@ from typing import Iterator
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data.sources import Item, Reject, SourceError
+from cxr_rf.data.sources import Item, Reject, SourceError, excluded
 from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "nih_cxr14"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 LIST_FILES = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 TERMS: dict[str, tuple[str, ...]] = {
@@ -150,11 +151,11 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
             continue
         splits = listed.get(image, [])
         if len(splits) > 1:
-            yield Reject(ref, f"{image} is listed in both train_val_list.txt and test_list.txt")
+            yield excluded(ref, "image is listed in both train_val_list.txt and test_list.txt")
             continue
         split = splits[0] if splits else patient_split.get(patient)
         if split is not None and patient_split.get(patient, split) != split:
-            yield Reject(ref, f"patient {patient} is also in the official {patient_split[patient]} split")
+            yield excluded(ref, f"patient is also in the official {patient_split[patient]} split")
             continue
         try:
             findings = findings_from_labels(row["Finding Labels"])

@@ -49,6 +49,7 @@ from cxr_rf.data.sources.chexpert import join_report
 from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "openi"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 HEADS: dict[str, str] = {
     "cardiomegaly": "Cardiomegaly",
     "pleural effusion": "Pleural Effusion", "pleural effusions": "Pleural Effusion",

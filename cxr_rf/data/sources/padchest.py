@@ -17,11 +17,10 @@ image); rows whose PhotometricInterpretation_DICOM is MONOCHROME1 need inverting
 is preprocessed, stemmed Spanish (so it is NOT used as a report: records get an empty report);
 about 21 PNGs are truncated (the pixel decoder rejects those, not this module).
 
-Pixels (``load``): decoded by ``imaging.read`` (16-bit kept, 8-bit x257), then stretched per
-image to the full 0..65535 range (min-max, as ``imaging`` does for a DICOM without a VOI
+Pixels: decoded by ``imaging`` (16-bit kept, 8-bit x257), then stretched per image to the
+full 0..65535 range (``Item.stretch``: min-max, as ``imaging`` does for a DICOM without a VOI
 window, so PadChest is not left dark next to every other source), then inverted for
-MONOCHROME1 rows. ``load`` learns the row's photometric interpretation from the CSV beside
-the image (the Item has no field for it), read once per worker process.
+MONOCHROME1 rows (``Item.invert``, set here from the row's PhotometricInterpretation_DICOM).
 
 ASSUMED: the label-term mapping below (our reading of the terms, not the authors'); that the
 terms are positive mentions only (negated findings are not listed), so a finding with no term
@@ -35,24 +34,22 @@ A blank or other PhotometricInterpretation_DICOM is treated as MONOCHROME2 (not 
 ``Labels`` is a stringified Python list of free (Spanish-derived, English) terms, e.g.
 "['cardiomegaly', 'pleural effusion']"; terms are trimmed and lower-cased before lookup.
 Rows with Projection EXCLUDE are images the dataset authors excluded on purpose; they are
-counted as rejects with that reason, never converted.
+reported as excluded (not rejected) with that reason, never converted.
 """
 from __future__ import annotations
 
 import ast
-import csv
-import gzip
 import os
 from typing import Iterator
 
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data import imaging
-from cxr_rf.data.sources import Item, Reject
+from cxr_rf.data.sources import Item, Reject, excluded
 from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "padchest"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 _GROUPS: dict[str, tuple[str, ...]] = {
     "No Finding": ("normal",),
@@ -97,7 +94,7 @@ MAPPING = "\n".join(
     + [f"| normal | No Finding | positive; {', '.join(PATHOLOGIES)} negative unless a pathology term is also listed |",
        "| any other term | — | ignored (finding stays unmentioned) |",
        "", "| field | rule |", "|---|---|",
-       "| view | Projection PA -> PA, AP and AP_horizontal -> AP, L -> LATERAL, COSTAL (rib views), UNK or blank -> unknown (kept); EXCLUDE -> rejected (intentionally excluded by the dataset authors) |",
+       "| view | Projection PA -> PA, AP and AP_horizontal -> AP, L -> LATERAL, COSTAL (rib views), UNK or blank -> unknown (kept); EXCLUDE -> excluded (on purpose, by the dataset authors; not a reject) |",
        "| sex | PatientSex_DICOM M/F, else unknown |",
        "| age | year of StudyDate_DICOM - PatientBirth (a year); outside 0-120 or missing -> unknown |",
        "| race | not provided -> unknown |",
@@ -173,7 +170,7 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
             continue
         projection = row["Projection"].strip().upper()
         if projection == "EXCLUDE":
-            yield Reject(ref, "intentionally excluded: Projection is EXCLUDE (the PadChest authors "
+            yield excluded(ref, "intentionally excluded: Projection is EXCLUDE (the PadChest authors "
                               "marked this image as not to be used)")
             continue
         try:
@@ -189,65 +186,10 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
             continue
         sex = row["PatientSex_DICOM"].strip().upper()
         # The Report column is stemmed Spanish tokens, not text: never passed on as a report.
+        photometric = (row.get("PhotometricInterpretation_DICOM") or "").strip().upper()
         yield Item(path=path, split=None, findings=findings, sex=sex if sex in ("M", "F") else "unknown",
                    age=_age(row["StudyDate_DICOM"], row["PatientBirth"]),
                    view=PROJECTIONS.get(projection, "unknown"), source=NAME, patient_id=patient,
-                   study_id=row["StudyID"].strip(), report="")
+                   study_id=row["StudyID"].strip(), report="", stretch=True,
+                   invert=photometric == "MONOCHROME1")
 
-
-# ---------------------------------------------------------------- pixels
-
-_INVERTED: dict[str, frozenset[str]] = {}  # CSV path -> ImageIDs whose rows say MONOCHROME1
-
-
-def _table_near(path: str) -> str | None:
-    """The labels CSV(.gz) of the release an image belongs to: beside a flat image, or one up."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for d in (folder, os.path.dirname(folder)):
-        for name in (CSV_NAME, CSV_NAME + ".gz"):
-            if os.path.isfile(os.path.join(d, name)):
-                return os.path.join(d, name)
-    return None
-
-
-def _monochrome1(csv_path: str) -> frozenset[str]:
-    """ImageIDs of MONOCHROME1 rows; the table is streamed (only two columns kept) once per process."""
-    if csv_path not in _INVERTED:
-        opener = gzip.open if csv_path.endswith(".gz") else open
-        old_limit = csv.field_size_limit(1 << 24)
-        try:
-            with opener(csv_path, "rt", encoding="utf-8-sig", newline="") as f:
-                _INVERTED[csv_path] = frozenset(
-                    (row.get("ImageID") or "").strip() for row in csv.DictReader(f)
-                    if (row.get("PhotometricInterpretation_DICOM") or "").strip().upper() == "MONOCHROME1")
-        finally:
-            csv.field_size_limit(old_limit)
-    return _INVERTED[csv_path]
-
-
-def stretch(image: np.ndarray) -> np.ndarray:
-    """uint16 [H, W] -> the same image min-max stretched to 0..65535 (a flat image -> zeros)."""
-    lo, hi = int(image.min()), int(image.max())
-    if hi == lo:
-        return np.zeros_like(image, np.uint16)
-    scaled = (image.astype(np.float64) - lo) * (65535.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 65535).astype(np.uint16)
-
-
-def pixels(path: str, monochrome1: bool) -> np.ndarray:
-    """A PadChest file -> uint16 [H, W], full range, dense = bright."""
-    image = stretch(imaging.read(path))
-    return np.uint16(65535) - image if monochrome1 else image
-
-
-def load(item: Item, resolution: int, fit: str) -> np.ndarray:
-    """Pixels of ``item`` fitted to R x R; the photometric interpretation comes from the CSV."""
-    table = _table_near(item.path)
-    if table is None:
-        raise imaging.ImageError(f"cannot find {CSV_NAME} beside the image or one folder up "
-                                 f"(needed for PhotometricInterpretation_DICOM)")
-    try:
-        inverted = os.path.basename(item.path) in _monochrome1(table)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
-        raise imaging.ImageError(f"cannot read {os.path.basename(table)}: {' '.join(str(e).split())[:200]}") from None
-    return imaging.fit_square(pixels(item.path, inverted), resolution, fit)

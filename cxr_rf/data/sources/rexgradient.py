@@ -46,12 +46,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data.sources import Item, Reject, SourceError
+from cxr_rf.data.sources import Item, Reject, SourceError, excluded
 from cxr_rf.data.sources.chexpert import LABELS, identity_rows, join_report, label_findings
 from cxr_rf.data.sources.common import read_csv, require_columns
 from cxr_rf.data.sources.nih_cxr14 import parse_age
 
 NAME = "rexgradient"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 FILES = (("train_metadata.csv", "train"), ("valid_metadata.csv", "validation"),
          ("test_metadata.csv", "test"))
 JSON_SUFFIX = "_view_position.json"  # train_metadata.csv -> train_metadata_view_position.json
@@ -199,7 +200,7 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
                 yield Reject(ref, "empty PatientID")
                 continue
             if first_split[patient] != split:
-                yield Reject(ref, f"patient is also in the official {first_split[patient]} split "
+                yield excluded(ref, f"patient is also in the official {first_split[patient]} split "
                                   f"(the first split listing a patient keeps it)")
                 continue
             try:

@@ -43,10 +43,11 @@ from typing import Iterator
 import numpy as np
 
 from cxr_rf import conditioning as cond
-from cxr_rf.data.sources import Item, Reject, SourceError
+from cxr_rf.data.sources import Item, Reject, SourceError, excluded
 from cxr_rf.data.sources.common import read_csv, require_columns
 
 NAME = "vindr_cxr"
+DEIDENTIFIED_RELEASE = True  # public, de-identified: BurnedInAnnotation YES is a flag, not a reject
 FILES = (("image_labels_train.csv", "train", "train"), ("image_labels_test.csv", "test", "test"))
 TERMS: dict[str, tuple[str, ...]] = {
     "No finding": ("No Finding",),
@@ -167,7 +168,7 @@ def items(input_dir: str, opts=None) -> Iterator[Item | Reject]:
             readers.setdefault(image, []).append(vec)
         for image, votes in readers.items():
             if image in seen:
-                yield Reject(f"{fname}:{image}", f"image also in the official {seen[image]} split")
+                yield excluded(f"{fname}:{image}", f"image also in the official {seen[image]} split")
                 continue
             seen[image] = split
             if not votes:
