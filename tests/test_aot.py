@@ -484,8 +484,10 @@ def test_fsdp_microbatch_plan_compiles_fits_and_counts_collectives(tmp_path):
     p = json.loads(out.read_text())
     assert r.stdout.strip().splitlines()[-1] == aot.verdict(p)
     assert aot.verdict(p).startswith("fits: ") and "= 90% of 15.75 GiB usable HBM" in aot.verdict(p)
+    smoke = runpy.run_path(os.path.join(ROOT, "experiments", "smoke.py"))["get_config"]()
+    batch = smoke.train.batch_size
     assert p["chips"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert p["global_batch"] == 32 and p["per_device_batch"] == 8 and p["microbatches"] == 2
+    assert (p["global_batch"], p["per_device_batch"], p["microbatches"]) == (batch, batch // 4, 2)
     mem = p["memory"]
     assert all(mem[k] > 0 for k in ("arguments", "outputs", "temporaries", "code"))
     assert 0 < mem["aliased"] <= mem["outputs"]                 # the donated state
@@ -500,10 +502,12 @@ def test_fsdp_microbatch_plan_compiles_fits_and_counts_collectives(tmp_path):
     assert 0.8 < p["flops_ratio"] < 1.5, p["flops_ratio"]
     # FSDP with 2 microbatches: the f32 gradients are reduce-scattered once per microbatch
     # (XLA pads some shapes to tiles: up to 1.5×), the weights gathered at least once.
-    smoke = runpy.run_path(os.path.join(ROOT, "experiments", "smoke.py"))["get_config"]()
     params = param_count(ModelConfig.from_config(smoke))
     c = p["collectives"]["by_kind"]
-    assert 1.0 <= c["reduce-scatter"]["payload_bytes"] / (2 * 4 * params) < 1.5
+    # (At 2.3M parameters XLA combines the reduce-scatters into 16 MiB buffers and all-reduces
+    # the rest; the two together carry every gradient.)
+    grads = c["reduce-scatter"]["payload_bytes"] + c.get("all-reduce", {}).get("payload_bytes", 0)
+    assert 0.95 <= grads / (2 * 4 * params) < 1.5
     assert c["reduce-scatter"]["wire_bytes"] == pytest.approx(
         c["reduce-scatter"]["payload_bytes"] * 3 / 4)
     assert c["all-gather"]["payload_bytes"] >= 2 * 2 * params * 0.5
@@ -513,7 +517,7 @@ def test_fsdp_microbatch_plan_compiles_fits_and_counts_collectives(tmp_path):
     assert p["comm_s"] == pytest.approx(p["collective_wire_bytes_per_chip"] / 1e11)
     assert p["step_s_overlapped"] == max(p["step_s"], p["comm_s"])
     assert p["step_s_serial"] == pytest.approx(p["step_s"] + p["comm_s"])
-    assert p["run"]["stages"][0]["steps"] == 400
+    assert p["run"]["stages"][0]["steps"] == smoke.train.steps
 
 
 @pytest.mark.slow
