@@ -57,7 +57,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     path = trainer_lib.ensure_data(cfg, workdir)   # a bad data.dir fails before the workdir exists
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+        # Atomically (write, then rename): the other processes of a resumed run read the
+        # previous config.json in check_resumable while this one replaces it.
+        tmp = workdir / f"config.json.tmp{os.getpid()}"
+        tmp.write_text(cfg.to_json_best_effort(indent=2))
+        tmp.replace(workdir / "config.json")
     stages = trainer_lib.Stages(cfg, schedule, path, devices)
     stages.enter(0)
     mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
