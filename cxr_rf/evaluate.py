@@ -172,8 +172,7 @@ def control(cfg: ml_collections.ConfigDict, model, params, *, num: int = 48,
     s = cfg.sample
     steps = int(steps or s.steps)
     from cxr_rf import sample   # jax and the model: imported late, so the CLI fails fast
-    guidance = guidance or sample.Guidance.parse(
-        float(s.cfg if cfg_scale is None else cfg_scale), s.get("guidance", ""))
+    guidance = guidance or sample.Guidance.for_run(s, cfg_scale)
     method = method or s.method
     resolution = int(cfg.data.resolution)
     if sampler is None:
@@ -365,14 +364,9 @@ def main(argv):
     out = epath.Path(FLAGS.out or epath.Path(FLAGS.workdir) / "eval" / "control")
     cli.output_dir(str(out), "--out")
     from cxr_rf import sample
-    from cxr_rf.data import stats
-    sample.Guidance.parse(FLAGS.cfg or 0.0, FLAGS.guidance or "").chain()  # fail early
     cfg = sample.read_config(FLAGS.workdir)
-    guidance = sample.Guidance.parse(
-        cfg.sample.cfg if FLAGS.cfg is None else FLAGS.cfg,
-        cfg.sample.get("guidance", "") if FLAGS.guidance is None else FLAGS.guidance)
-    marginals = sample.training_defaults(cfg, FLAGS.workdir)
-    unlisted = stats.unlisted_defaults(marginals) if marginals is not None else None
+    guidance = sample.Guidance.for_run(cfg.sample, FLAGS.cfg, FLAGS.guidance)
+    _, unlisted = sample.training_defaults(cfg, FLAGS.workdir)
     sampler = sample.Sampler(cfg)
     params, step = sampler.restore(FLAGS.workdir, FLAGS.step)
     result, images = control(cfg, sampler.model, params, num=FLAGS.num, steps=FLAGS.steps,

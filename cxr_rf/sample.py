@@ -97,6 +97,16 @@ class Guidance:
             raise errors.UserError(f"guidance scale must be finite and >= 0, got {scale}")
         return cls(float(scale), tuple(items))
 
+    @classmethod
+    def for_run(cls, sample_cfg, scale: float | None = None,
+                spec: str | None = None) -> "Guidance":
+        """``scale`` and ``spec`` where given, else the run's ``sample.cfg`` and
+        ``sample.guidance``; validated whole (a group given two scales is refused here)."""
+        g = cls.parse(float(sample_cfg.cfg if scale is None else scale),
+                      sample_cfg.get("guidance", "") if spec is None else spec)
+        g.chain()
+        return g
+
     def chain(self) -> tuple[list[tuple[str, ...]], list[float]]:
         """(group sets, scales) of the branches after the unconditional one; empty when
         every scale is 1 (the conditional prediction alone, one branch)."""
@@ -213,8 +223,7 @@ class Sampler:
         if guidance is not None and cfg_scale is not None:
             raise ValueError("pass guidance or cfg_scale, not both")
         s = self.cfg.sample
-        guidance = guidance or Guidance.parse(float(s.cfg if cfg_scale is None else cfg_scale),
-                                              s.get("guidance", ""))
+        guidance = guidance or Guidance.for_run(s, cfg_scale)
         shape = (self.resolution, self.resolution, self.cfg.model.in_channels)
         program = _program(self.model, self.fs, int(steps or s.steps), method or s.method, shape)
         params = jax.device_put(params, self.param_shardings)
@@ -276,9 +285,13 @@ def load(workdir: str | epath.Path, step: int | None = None, **sampler_kwargs):
 
 
 def training_defaults(cfg: ml_collections.ConfigDict, workdir: str | epath.Path):
-    """The run's training marginals (``data.stats.training_marginals``) or None."""
+    """(the run's training marginals, the states of unlisted findings), from the stats.json
+    of its data (``data.stats``); (None, None) when a source has none."""
     from cxr_rf import trainer   # the data layout of a run; imported late (it pulls in Grain)
-    return data_stats.training_marginals(trainer.data_sources(cfg, epath.Path(workdir)))
+    marginals = data_stats.training_marginals(trainer.data_sources(cfg, epath.Path(workdir)))
+    if marginals is None:
+        return None, None
+    return marginals, data_stats.unlisted_defaults(marginals)
 
 
 FLAGS = flags.FLAGS
@@ -343,20 +356,17 @@ def main(argv):
                                f"{FLAGS.seed} + {FLAGS.num}")
     cli.input_dir(FLAGS.workdir, "--workdir")
     cli.output_dir(FLAGS.out, "--out")
-    Guidance.parse(FLAGS.cfg or 0.0, FLAGS.guidance or "").chain()  # bad scales fail early
     kwargs = dict(sex=FLAGS.sex, age=_age(FLAGS.age), race=FLAGS.race, view=FLAGS.view,
                   source=FLAGS.source, report=FLAGS.report)
     Conditions.parse(FLAGS.findings, **kwargs)        # bad conditions fail before the restore
     cfg = read_config(FLAGS.workdir)
     s = cfg.sample
     steps, method = FLAGS.steps or s.steps, FLAGS.method or s.method
-    guidance = Guidance.parse(s.cfg if FLAGS.cfg is None else FLAGS.cfg,
-                              s.get("guidance", "") if FLAGS.guidance is None else FLAGS.guidance)
+    guidance = Guidance.for_run(s, FLAGS.cfg, FLAGS.guidance)   # before the restore, too
     if FLAGS.report is not None and not cfg.data.report_len:
         raise errors.UserError(f"--report needs a run trained with reports (data.report_len > 0); "
                                f"{FLAGS.workdir} has report_len 0")
-    marginals = training_defaults(cfg, FLAGS.workdir)
-    unlisted = data_stats.unlisted_defaults(marginals) if marginals is not None else None
+    marginals, unlisted = training_defaults(cfg, FLAGS.workdir)
     cond = Conditions.parse(FLAGS.findings, unlisted=unlisted, **kwargs)
     if marginals is not None and (missing := data_stats.unseen(cond.requested(), marginals)):
         print(f"warning: never in this run's training data, so the model has not learnt it: "

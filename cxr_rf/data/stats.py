@@ -10,7 +10,10 @@ never carry ids. ``stats.json`` and ``stats.txt`` beside a dataset are ``build``
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable, Mapping
+
+from etils import epath
 
 from cxr_rf import conditioning as cond
 
@@ -146,8 +149,6 @@ def training_marginals(sources: Iterable[tuple[str, float]]) -> dict[str, Any] |
     """Train-split marginals of a run's data as fractions, ``{"findings": {name: {state:
     p}}, "sex": {value: p}, "age": {bin: p}, ...}``, each source weighted by its mixture
     weight; None when a source has no ``stats.json`` (nothing to compare against)."""
-    import json
-    from etils import epath
     out: dict[str, Any] = {"findings": {f: {s: 0.0 for s in cond.STATES} for f in cond.FINDINGS}}
     sources = list(sources)
     total = sum(w for _, w in sources)
