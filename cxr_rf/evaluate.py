@@ -1,324 +1,335 @@
-"""Evaluations of a trained run.
+"""Evaluations of a trained run, or of a folder of generated images, against real data.
 
-    python -m cxr_rf.evaluate control --workdir RUN [--step N] [--num 48] [--steps S] \
-        [--cfg C] [--method euler|heun] [--seed 0] [--findings "Cardiomegaly,..."] [--out DIR]
+    python -m cxr_rf.evaluate all --workdir RUN [--reference DATA] [--classifier DIR] \
+        [--raddino DIR] [--protocol default|chexgenbench] [--out DIR]
+    python -m cxr_rf.evaluate SECTION ...      one section on its own (below)
+    python -m cxr_rf.evaluate train-classifier --data DATA --out DIR [--classifier_steps N]
 
-``control``: does the model draw what it is asked for? For every finding the phantom can
-measure (``SCORES``), N seeds with matched demographics are sampled once with the finding
-``=positive`` and once ``=negative`` (same noise per seed, other findings unlisted), every
-image is measured with ``cxr_rf.data.phantom.measure`` and the finding's score separates the
-two groups with an AUROC (95% bootstrap interval). The same is computed on real phantoms
-rendered at the run's resolution with the same demographics and the finding forced on/off:
-the ceiling a perfect model would reach with this measurement. Writes ``control.json``,
-``control.md`` (the table, also printed) and ``control.png`` (positive/negative pairs) into
-``--out`` (default ``RUN/eval/control``).
+Sections (``cxr_rf.evaluation``), each a folder of results under ``--out``:
 
-Images below 128 px are upsampled to 128 px (``imaging.fit_square``, Lanczos) before they
-are measured, samples and real phantoms alike: the measurements are accurate from 128 px.
-The library entry point is ``control(cfg, model, params, ...)``.
+    control       phantom runs: the analytic measurement (CTR, blunting...) of samples asked
+                  for a finding vs its absence; AUROC vs real phantoms (``control.py``)
+    conditional   the same matched pairs read by the classifier, every finding (``conditional.py``)
+    fidelity      FD / KD / PRDC of samples generated for the reference split's metadata (or
+                  ``--samples DIR``) per feature space, overall, per finding and per subgroup
+    privacy       samples for training records' metadata × seeds: nearest training image in
+                  pixel and feature space vs the held-out baseline, copy rate, closest pairs,
+                  and the memorisation controls (perturbed training copies; held-out reals)
+    utility       classifiers trained on real, on synthetic (same metadata) and on both, tested
+                  on held-out real: AUROC per finding and subgroup gaps
+
+``all`` runs every section that applies and writes ``metrics.json``, ``report.md``, the plots
+and a self-contained ``report.html`` (``cxr_rf.evaluation.report``) into ``--out`` (default
+``RUN/eval/all``). The reference is a converted dataset (default: the run's own data); its
+``test`` split is the real set of fidelity and the held-out set of privacy and utility, its
+``train`` split the training set. Features: ``cxr_classifier`` (trained here when
+``--classifier`` is not given, on the reference's train split, into ``OUT/classifier``) and
+``raddino`` when ``--raddino`` points at a local Hugging Face folder. Generated images,
+features and classifiers are kept under ``--out`` and reused by a rerun with the same settings.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import time
-from typing import Callable, Sequence
 
-import ml_collections
-import numpy as np
 from absl import flags
 from etils import epath
 
-from cxr_rf import cli, errors, metrics, outputs
-from cxr_rf.conditioning import Conditions
-from cxr_rf.data import imaging, phantom
+from cxr_rf import cli, errors, outputs
 
-COMMANDS = ("control",)
-MEASURE_RESOLUTION = 128      # phantom.measure is accurate from here up
-REAL_SEED = 1234              # the phantom seed of the real (ceiling) studies
-BOOTSTRAP = 1000              # bootstrap resamples of each AUROC interval
-AGE_RANGE = (40.0, 85.0)      # ages of the matched demographics, years
-
-
-def _max(*values: float) -> float:
-    """The largest value, NaN if any is NaN (an unreadable side makes the score unreadable)."""
-    return float("nan") if any(math.isnan(v) for v in values) else float(max(values))
-
-
-@dataclasses.dataclass(frozen=True)
-class Score:
-    """How a finding is read from ``phantom.measure``'s dict: one number, higher = present."""
-    name: str                         # what the score is, as written in the table
-    keys: tuple[str, ...]             # measurements reported per group (mean ± sd)
-    fn: Callable[[dict], float]
-
-    def __call__(self, m: dict) -> float:
-        return float(self.fn(m))
-
-
-# The findings whose real phantoms at 64 px (upsampled to 128) separate present from absent
-# with AUROC >= 0.9, measured with this module's ceiling (``real_images`` + ``measure_images``,
-# N=200 per group, demographics seeds 0 and 7): Cardiomegaly 0.995/0.992, Pleural Effusion
-# 1.0/1.0, Pneumothorax 0.926/0.925 (0.95 at 128 and 256 px). Support Devices is not here: ET/NG
-# tubes and ECG electrodes, the only devices of about a third of positive phantoms, are at or
-# below the pixel scale at 64 px (an ET tube lifts the tracheal lumen by ~0.04 of the display
-# range); the best simple detector tried, a Hessian ridge percentile inside the lungs, reached
-# AUROC ~0.75.
-SCORES: dict[str, Score] = {
-    "Cardiomegaly": Score("ctr", ("ctr",), lambda m: m["ctr"]),
-    "Pleural Effusion": Score(
-        "max(cp_blunting_left, cp_blunting_right)", ("cp_blunting_left", "cp_blunting_right"),
-        lambda m: _max(m["cp_blunting_left"], m["cp_blunting_right"])),
-    "Pneumothorax": Score(
-        "max(ptx_lucency_left, ptx_lucency_right)", ("ptx_lucency_left", "ptx_lucency_right"),
-        lambda m: _max(m["ptx_lucency_left"], m["ptx_lucency_right"])),
-}
-
-
-# ----------------------------------------------------------------------------- pieces
-
-def demographics(num: int, seed: int = 0) -> list[dict]:
-    """``num`` matched demographics {sex, age, view}, a fixed function of ``seed``: seed i of
-    every group (positive, negative, real on/off) gets entry i."""
-    rng = np.random.default_rng([int(seed), 0xDE40])
-    out = []
-    for _ in range(int(num)):
-        sex = "M" if rng.random() < 0.5 else "F"
-        age = float(np.round(rng.uniform(*AGE_RANGE), 1))
-        view = "PA" if rng.random() < 0.5 else "AP"
-        out.append({"sex": sex, "age": age, "view": view})
-    return out
-
-
-def condition(finding: str, present: bool, demo: dict,
-              unlisted: dict[str, int] | None = None) -> Conditions:
-    """``finding=positive|negative`` with every other finding unlisted (``unlisted``: the
-    run's training defaults, ``sample.training_defaults``), the demographics of ``demo``,
-    race and source not specified."""
-    state = "positive" if present else "negative"
-    return Conditions.parse(f"{finding}={state}", sex=demo["sex"], age=demo["age"],
-                            view=demo["view"], unlisted=unlisted)
-
-
-def real_images(finding: str, present: bool, demos: Sequence[dict], resolution: int,
-                seed: int = REAL_SEED) -> np.ndarray:
-    """Phantom studies (seed, index i) with ``demos[i]`` and ``finding`` forced on/off, as the
-    model sees them in training: float32 [N, R, R] in [-1, 1]."""
-    imgs = [phantom.generate(seed, i, resolution, findings={finding: bool(present)}, **d).image
-            for i, d in enumerate(demos)]
-    return np.stack(imgs).astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
-
-
-def measure_images(images: np.ndarray) -> list[dict]:
-    """``phantom.measure`` of each [-1, 1] image, upsampled to MEASURE_RESOLUTION first when
-    smaller (16-bit, Lanczos): the one path for samples and real phantoms."""
-    out = []
-    for x in images:
-        u = outputs.to_uint(x, 16)
-        if u.shape[0] < MEASURE_RESOLUTION:
-            u = imaging.fit_square(u, MEASURE_RESOLUTION)
-        out.append(phantom.measure(u))
-    return out
-
-
-def compare(finding: str, pos: Sequence[dict], neg: Sequence[dict], *, seed: int = 0,
-            n_boot: int = BOOTSTRAP) -> dict:
-    """AUROC of ``finding``'s score between measurement lists ``pos`` and ``neg``, its 95%
-    bootstrap interval, and mean/sd/count/NaN count of the score and each measurement per
-    group. NaN scores (unreadable images) are dropped and counted (``metrics``)."""
-    score = SCORES[finding]
-    sp = [score(m) for m in pos]
-    sn = [score(m) for m in neg]
-    lo, hi = metrics.bootstrap_ci(sp, sn, n=n_boot, seed=seed)
-
-    def group(ms, s):
-        return {"score": metrics.summary(s),
-                **{k: metrics.summary([m[k] for m in ms]) for k in score.keys}}
-    return {"auroc": metrics.auroc(sp, sn), "ci95": [lo, hi],
-            "pos": group(pos, sp), "neg": group(neg, sn), "scores": {"pos": sp, "neg": sn}}
-
-
-# ----------------------------------------------------------------------------- control
-
-def control(cfg: ml_collections.ConfigDict, model, params, *, num: int = 48,
-            steps: int | None = None, cfg_scale: float | None = None, method: str | None = None,
-            seed: int = 0, findings: Sequence[str] | None = None, sampler=None,
-            guidance=None, unlisted: dict[str, int] | None = None, real: bool = True,
-            return_images: bool = False):
-    """The control evaluation of ``model``/``params`` (EMA parameters of a run with ``cfg``).
-
-    ``findings``: a subset of ``SCORES`` (default: all). Sampling settings default to the
-    run's ``cfg.sample``; ``guidance`` (a ``sample.Guidance``) replaces ``cfg_scale``;
-    ``unlisted`` are the states of the findings not evaluated (``condition``); image i of each group uses noise seed ``seed + i`` and demographics
-    ``demographics(num, seed)[i]``. Identical (condition, seed) requests are sampled once
-    (e.g. the negative groups when unlisted findings default to negative), all in one
-    ``Sampler.generate`` call. ``real=False`` skips the real-phantom ceiling. Returns a
-    JSON-ready dict (NaN as float NaN; see ``to_json``); with ``return_images`` also
-    {finding: {"pos": [N, R, R], "neg": [N, R, R]}} of the samples.
-    """
-    if isinstance(findings, str):
-        findings = [findings]
-    findings = list(dict.fromkeys(SCORES if findings is None else findings))
-    bad = [f for f in findings if f not in SCORES]
-    if bad or not findings:
-        raise errors.UserError(f"cannot measure {', '.join(map(repr, bad)) or 'no findings'}; "
-                               f"measurable findings: {', '.join(SCORES)}")
-    num, seed = int(num), int(seed)
-    if num < 2:
-        raise errors.UserError(f"num must be >= 2 (two groups of num images), got {num}")
-    if seed < 0 or seed + num > 2**32:
-        raise errors.UserError(f"seed + num must be in [0, 2**32], got {seed} + {num}")
-    s = cfg.sample
-    steps = int(steps or s.steps)
-    from cxr_rf import sample   # jax and the model: imported late, so the CLI fails fast
-    guidance = guidance or sample.Guidance.for_run(s, cfg_scale)
-    method = method or s.method
-    resolution = int(cfg.data.resolution)
-    if sampler is None:
-        sampler = sample.Sampler(cfg, model)
-    demos = demographics(num, seed)
-    seeds = [seed + i for i in range(num)]
-
-    # One request list, duplicates sampled once.
-    slots, conds, req_seeds, where = {}, [], [], {}
-    for f in findings:
-        for present in (True, False):
-            idx = []
-            for sd, d in zip(seeds, demos):
-                c = condition(f, present, d, unlisted)
-                key = (c.tokens(report_len=cfg.data.report_len).tobytes(), sd)
-                if key not in slots:
-                    slots[key] = len(conds)
-                    conds.append(c)
-                    req_seeds.append(sd)
-                idx.append(slots[key])
-            where[f, present] = np.asarray(idx)
-    t0 = time.perf_counter()
-    images = sampler.generate(params, conds, req_seeds, steps=steps, guidance=guidance,
-                              method=method)
-    t1 = time.perf_counter()
-    measured = measure_images(images)
-    t2 = time.perf_counter()
-
-    result = {
-        "command": "control",
-        "settings": {"num": num, "steps": steps, "cfg_scale": guidance.scale,
-                     "guidance": dict(guidance.groups), "method": method,
-                     "seed": seed, "resolution": resolution,
-                     "measure_resolution": max(resolution, MEASURE_RESOLUTION),
-                     "real_seed": REAL_SEED if real else None,
-                     "bootstrap": {"n": BOOTSTRAP, "level": 0.95, "seed": seed},
-                     "images_sampled": len(conds)},
-        "demographics": demos,
-        "findings": {},
-    }
-    real_s = 0.0
-    for f in findings:
-        pos = [measured[i] for i in where[f, True]]
-        neg = [measured[i] for i in where[f, False]]
-        entry = {"score": SCORES[f].name, "measurements": list(SCORES[f].keys),
-                 "samples": compare(f, pos, neg, seed=seed)}
-        if real:
-            t = time.perf_counter()
-            rp = measure_images(real_images(f, True, demos, resolution))
-            rn = measure_images(real_images(f, False, demos, resolution))
-            real_s += time.perf_counter() - t
-            entry["real"] = compare(f, rp, rn, seed=seed)
-        result["findings"][f] = entry
-    result["timing_s"] = {"sample": t1 - t0, "measure": t2 - t1, "real": real_s,
-                          "total": time.perf_counter() - t0}
-    if return_images:
-        return result, {f: {"pos": images[where[f, True]], "neg": images[where[f, False]]}
-                        for f in findings}
-    return result
-
-
-# ----------------------------------------------------------------------------- reports
-
-def to_json(obj):
-    """``obj`` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def _num(x, digits: int = 3) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _auroc_cell(g: dict | None) -> str:
-    if g is None:
-        return "-"
-    lo, hi = g["ci95"]
-    if not math.isfinite(g["auroc"]):
-        return "n/a"
-    return f"{g['auroc']:.2f} [{_num(lo, 2)}, {_num(hi, 2)}]"
-
-
-def _means_cell(g: dict | None) -> str:
-    if g is None:
-        return "-"
-    p, n = g["pos"]["score"], g["neg"]["score"]
-    return f"{_num(p['mean'])}±{_num(p['sd'])} / {_num(n['mean'])}±{_num(n['sd'])}"
-
-
-def _groups(guidance: dict | None) -> str:
-    return "".join(f" ({g} {v:g})" for g, v in (guidance or {}).items())
-
-
-def table(result: dict) -> str:
-    """The markdown table of a ``control`` result (one row per finding)."""
-    s = result["settings"]
-    step = result.get("checkpoint_step")
-    lines = ["# Control: does the model draw what it is asked for?", "",
-             f"{'checkpoint step ' + str(step) + ', ' if step is not None else ''}"
-             f"{s['num']} seeds per group, {s['steps']} {s['method']} steps, CFG "
-             f"{s['cfg_scale']:g}{_groups(s.get('guidance'))}, seed {s['seed']}, {s['resolution']} px (measured at "
-             f"{s['measure_resolution']} px). AUROC of the finding's score, positive vs "
-             f"negative condition, with a 95% bootstrap interval; 'real': phantoms with the "
-             f"same demographics and the finding forced on/off (the ceiling). Means ± sd of "
-             f"the score, positive / negative.", "",
-             "| finding | score | AUROC [95% CI] samples | AUROC real | mean pos/neg samples "
-             "| mean pos/neg real | unmeasured pos/neg samples |",
-             "|---|---|---|---|---|---|---|"]
-    for f, e in result["findings"].items():
-        sm, rl = e["samples"], e.get("real")
-        lines.append(f"| {f} | {e['score']} | {_auroc_cell(sm)} | {_auroc_cell(rl)} | "
-                     f"{_means_cell(sm)} | {_means_cell(rl)} | "
-                     f"{sm['pos']['score']['nan']}/{sm['neg']['score']['nan']} |")
-    return "\n".join(lines) + "\n"
-
-
-def contact_sheet(images: dict, result: dict, pairs: int = 2):
-    """PIL image: per finding, ``pairs`` seeds as (positive, negative) pairs, with scores."""
-    tiles, labels = [], []
-    seed0 = result["settings"]["seed"]
-    for f, groups in images.items():
-        sc = result["findings"][f]["samples"]["scores"]
-        for i in range(min(pairs, len(groups["pos"]))):
-            for sign, key in (("+", "pos"), ("-", "neg")):
-                tiles.append(groups[key][i])
-                labels.append(f"{f}{sign} s{seed0 + i} | score {_num(sc[key][i])}")
-    return outputs.grid(tiles, labels, cols=2 * pairs)
-
-
-# ----------------------------------------------------------------------------- CLI
+COMMANDS = ("all", "control", "conditional", "fidelity", "privacy", "utility", "train-classifier")
+RUN_COMMANDS = ("control", "conditional", "privacy", "utility")   # need --workdir
 
 FLAGS = flags.FLAGS
 
+
+# ----------------------------------------------------------------------------- context
+
+class Context:
+    """What the sections share, each piece loaded once and only when a section needs it."""
+
+    def __init__(self, out: epath.Path, single: bool = False):
+        self.out, self.single = out, single
+        self.workdir = FLAGS.workdir
+        self._run = None
+        self._classifier = None
+        self._extractors: dict[str, object] = {}
+        self._sets: dict[tuple, object] = {}
+
+    def dir(self, section: str) -> epath.Path:
+        """Where a section writes: --out itself when it runs alone, else its own subfolder."""
+        return self.out if self.single else self.out / section
+
+    # -- the run
+    @property
+    def run(self):
+        """(cfg, sampler, params, step, guidance, unlisted) of --workdir."""
+        if self._run is None:
+            if not self.workdir:
+                raise errors.UserError("this evaluation samples from a run: pass --workdir RUN")
+            from cxr_rf import sample
+            cfg = sample.read_config(self.workdir)
+            guidance = sample.Guidance.for_run(cfg.sample, FLAGS.cfg, FLAGS.guidance)
+            _, unlisted = sample.training_defaults(cfg, self.workdir)
+            sampler = sample.Sampler(cfg, batch_size=FLAGS.sample_batch_size)
+            params, step = sampler.restore(self.workdir, FLAGS.step)
+            self._run = (cfg, sampler, params, int(step), guidance, unlisted)
+        return self._run
+
+    def sampling(self) -> dict:
+        """Keyword arguments of Sampler.generate for this evaluation's settings."""
+        cfg, _, _, _, guidance, _ = self.run
+        return {"steps": int(FLAGS.steps or cfg.sample.steps), "guidance": guidance,
+                "method": FLAGS.method or cfg.sample.method}
+
+    # -- data
+    @property
+    def reference(self) -> str:
+        if FLAGS.reference:
+            return FLAGS.reference
+        if not self.workdir:
+            raise errors.UserError("pass --reference DATA (a converted dataset) to compare against")
+        from cxr_rf import sample, trainer
+        cfg = sample.read_config(self.workdir)
+        return str(trainer.data_sources(cfg, epath.Path(self.workdir))[0][0])
+
+    def real(self, split: str, limit: int | None):
+        from cxr_rf.evaluation import sets
+        key = ("real", split, limit)
+        if key not in self._sets:
+            self._sets[key] = sets.ReferenceSet(self.reference, split, limit=limit, seed=FLAGS.seed)
+        return self._sets[key]
+
+    def generated(self, split: str, limit: int | None, seeds: int):
+        """Samples for the metadata of ``limit`` rows of the reference ``split`` (× seeds),
+        or the --samples folder for the test split."""
+        from cxr_rf.evaluation import sets
+        if FLAGS.samples and split == FLAGS.split:
+            return sets.FolderSet(FLAGS.samples)
+        key = ("generated", split, limit, seeds)
+        if key not in self._sets:
+            cfg, sampler, params, step, guidance, _ = self.run
+            kw = self.sampling()
+            settings = {"workdir": str(self.workdir), "checkpoint_step": step, "steps": kw["steps"],
+                        "method": kw["method"], **guidance.describe()}
+            self._sets[key] = sets.generate(
+                sampler, params, self.real(split, limit), self.out / "samples" / split,
+                seeds=seeds, seed=FLAGS.seed, settings=settings, progress=True, **kw)
+        return self._sets[key]
+
+    # -- feature spaces
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            from cxr_rf import features
+            path = FLAGS.classifier
+            if not path:
+                path = str(self.out / "classifier")
+                if not (epath.Path(path) / "config.json").exists():
+                    print(f"no --classifier given: training one on {self.reference} (train split) "
+                          f"into {path}")
+                    from cxr_rf.features import classifier
+                    classifier.train_cli(self.reference, path, steps=FLAGS.classifier_steps,
+                                         seed=FLAGS.seed)
+            self._classifier = features.get("cxr_classifier", path, protocol=FLAGS.protocol)
+        return self._classifier
+
+    def spaces(self) -> dict:
+        """{name: extractor} of --features (raddino added when --raddino is given)."""
+        from cxr_rf import features
+        names = [n.strip() for n in FLAGS.features.split(",") if n.strip()]
+        if FLAGS.raddino and "raddino" not in names:
+            names.append("raddino")
+        bad = [n for n in names if n not in features.NAMES]
+        if bad or not names:
+            raise errors.UserError(f"--features: unknown {bad or 'nothing'}; choose from "
+                                   f"{', '.join(features.NAMES)}")
+        for n in names:
+            if n not in self._extractors:
+                self._extractors[n] = (self.classifier if n == "cxr_classifier"
+                                       else features.get(n, FLAGS.raddino, protocol=FLAGS.protocol))
+        return {n: self._extractors[n] for n in names}
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _write(out: epath.Path, name: str, result: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(outputs.to_json(result), indent=1, allow_nan=False))
+    return result
+
+
+def _is_phantom(ctx: Context) -> bool:
+    cfg = ctx.run[0]
+    return cfg.data.source == "phantom" and not cfg.data.get("mixture")
+
+
+def section_control(ctx: Context) -> dict:
+    from cxr_rf.evaluation import control
+    cfg, sampler, params, step, guidance, unlisted = ctx.run
+    findings = [f.strip() for f in FLAGS.findings.split(",") if f.strip()] or list(control.SCORES)
+    kw = ctx.sampling()
+    result, images = control.control(cfg, sampler.model, params, num=FLAGS.num, steps=kw["steps"],
+                                     method=kw["method"], seed=FLAGS.seed, findings=findings,
+                                     sampler=sampler, guidance=guidance, unlisted=unlisted,
+                                     return_images=True)
+    result = {"checkpoint_step": step, "workdir": str(ctx.workdir), **result}
+    out = ctx.dir("control")
+    md = control.table(result)
+    _write(out, "control.json", result)
+    (out / "control.md").write_text(md)
+    with (out / "control.png").open("wb") as f:
+        control.contact_sheet(images, result).save(f, format="PNG")
+    print(md)
+    return result
+
+
+def section_conditional(ctx: Context) -> dict:
+    from cxr_rf.evaluation import conditional
+    cfg, sampler, params, step, _, unlisted = ctx.run
+    findings = [f.strip() for f in FLAGS.findings.split(",") if f.strip()] or None
+    result = conditional.conditional(cfg, sampler, params, ctx.classifier, num=FLAGS.num,
+                                     findings=findings, seed=FLAGS.seed, unlisted=unlisted,
+                                     real=ctx.real(FLAGS.split, FLAGS.reference_num),
+                                     **ctx.sampling())
+    result = {"checkpoint_step": step, **result}
+    _write(ctx.dir("conditional"), "conditional.json", result)
+    print(conditional.table(result))
+    return result
+
+
+def section_fidelity(ctx: Context) -> dict:
+    from cxr_rf.evaluation import fidelity
+    real = ctx.real(FLAGS.split, FLAGS.reference_num)
+    fake = ctx.generated(FLAGS.split, FLAGS.reference_num, 1)
+    result = {}
+    for name, ex in ctx.spaces().items():
+        if name == "pixels":
+            continue                      # a distance space for privacy, not a fidelity space
+        r = fidelity.fidelity(real, fake, ex, batch_size=FLAGS.batch_size, n_boot=FLAGS.bootstrap,
+                              workdir=ctx.out, seed=FLAGS.seed)
+        o = r["overall"]
+        print(f"fidelity [{name}, {ex.protocol}]: FD {o['fd']:.4g} [{o['fd_ci95'][0]:.4g}, "
+              f"{o['fd_ci95'][1]:.4g}], KD {o['kd']['mean']:.4g}, precision "
+              f"{o['prdc']['precision']:.3f}, recall {o['prdc']['recall']:.3f}, density "
+              f"{o['prdc']['density']:.3f}, coverage {o['prdc']['coverage']:.3f} "
+              f"({r['n_real']} real, {r['n_fake']} generated)")
+        result[name] = r
+    return _write(ctx.dir("fidelity"), "fidelity.json", result)
+
+
+def section_privacy(ctx: Context) -> dict:
+    from cxr_rf import features
+    from cxr_rf.evaluation import privacy, sets
+    train = ctx.real("train", FLAGS.train_num)
+    heldout = ctx.real(FLAGS.split, FLAGS.reference_num)
+    prompts = ctx.real("train", FLAGS.privacy_prompts)
+    samples = ctx.generated("train", FLAGS.privacy_prompts, FLAGS.privacy_seeds)
+    # generated prompt rows index the prompt subset; privacy wants rows of ``train``
+    samples = _reindex_prompts(samples, prompts, train)
+    spaces = {"pixels": features.Pixels(), **{n: e for n, e in ctx.spaces().items()
+                                              if n != "pixels"}}
+    out = ctx.dir("privacy")
+    result = {"samples": privacy.privacy(samples, train, heldout, spaces, workdir=ctx.out,
+                                         out_dir=out, batch_size=FLAGS.batch_size)}
+    # The controls: the same measurement must flag lightly perturbed training copies and must
+    # not flag unseen real images (pixel space: what a copy is).
+    copies = privacy.perturbed_copies(train, min(len(samples), len(train)), seed=FLAGS.seed)
+    px = {"pixels": spaces["pixels"]}
+    result["control_copies"] = privacy.privacy(copies, train, heldout, px, workdir=ctx.out,
+                                               batch_size=FLAGS.batch_size)
+    half_a = sets.Subset(heldout, range(0, len(heldout), 2), f"{heldout.name}[even]")
+    half_b = sets.Subset(heldout, range(1, len(heldout), 2), f"{heldout.name}[odd]")
+    result["control_heldout"] = privacy.privacy(half_a, train, half_b, px, workdir=ctx.out,
+                                                batch_size=FLAGS.batch_size)
+    return _write(out, "privacy.json", result)
+
+
+def _reindex_prompts(samples, prompts, train):
+    """Point each sample's prompt_row at the row of ``train`` with the prompt's record."""
+    pos = {int(r): i for i, r in enumerate(train.rows)}
+    for m in samples.metas:
+        if "prompt_row" in m:
+            m["prompt_row"] = pos.get(int(prompts.rows[m["prompt_row"]]))
+            if m["prompt_row"] is None:
+                del m["prompt_row"]
+    return samples
+
+
+def section_utility(ctx: Context) -> dict:
+    from cxr_rf.evaluation import utility
+    real = ctx.real("train", FLAGS.utility_num)
+    synthetic = ctx.generated("train", FLAGS.utility_num, 1)
+    test = ctx.real(FLAGS.split, FLAGS.reference_num)
+    result = utility.utility(real, synthetic, test, steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+    return _write(ctx.dir("utility"), "utility.json", result)
+
+
+SECTIONS = {"control": section_control, "conditional": section_conditional,
+            "fidelity": section_fidelity, "privacy": section_privacy, "utility": section_utility}
+
+
+def run_all(ctx: Context) -> dict:
+    """Every section that applies; then metrics.json and the report."""
+    from cxr_rf.evaluation import report
+    metrics = {"command": "all", "workdir": str(ctx.workdir) if ctx.workdir else None,
+               "samples": FLAGS.samples, "reference": ctx.reference, "split": FLAGS.split,
+               "protocol": FLAGS.protocol, "seed": FLAGS.seed, "sections": {}, "timing_s": {}}
+    names = list(SECTIONS) if ctx.workdir else ["fidelity"]
+    if ctx.workdir:
+        metrics["checkpoint_step"] = ctx.run[3]
+        if not _is_phantom(ctx):
+            names.remove("control")
+    for name in names:
+        t = time.perf_counter()
+        print(f"== {name}")
+        metrics["sections"][name] = SECTIONS[name](ctx)
+        metrics["timing_s"][name] = time.perf_counter() - t
+    if "fidelity" in names:
+        metrics["samples_png"] = report.samples_png(
+            str(ctx.out / "plots" / "samples.png"),
+            ctx.generated(FLAGS.split, FLAGS.reference_num, 1), ctx.real(FLAGS.split, FLAGS.reference_num))
+    _write(ctx.out, "metrics.json", metrics)
+    report.write(metrics, ctx.out)
+    print(f"wrote metrics.json, report.md and report.html to {ctx.out}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- CLI
 
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
     flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    flags.DEFINE_integer("num", 48, "Seeds (images) per group.")
+    flags.DEFINE_string("samples", None, "A folder of generated images with manifest.jsonl, "
+                        "evaluated instead of sampling the run (fidelity).")
+    flags.DEFINE_string("reference", None, "Converted dataset to compare against (default: the "
+                        "run's data).")
+    flags.DEFINE_string("split", "test", "Reference split of the real set (fidelity) and the "
+                        "held-out set (privacy, utility).")
+    flags.DEFINE_integer("reference_num", 1000, "Rows of --split used (a seeded random subset; "
+                         "one sample each for fidelity).")
+    flags.DEFINE_integer("train_num", None, "Rows of the train split searched for nearest "
+                         "neighbours (default: all).")
+    flags.DEFINE_integer("privacy_prompts", 200, "Training records whose metadata prompts the "
+                         "privacy samples.")
+    flags.DEFINE_integer("privacy_seeds", 4, "Samples per privacy prompt.")
+    flags.DEFINE_integer("utility_num", 1000, "Training records (real) and their synthetic "
+                         "twins for the utility classifiers.")
+    flags.DEFINE_string("features", "cxr_classifier", "Comma list of feature spaces: "
+                        "cxr_classifier, raddino, pixels.")
+    flags.DEFINE_string("classifier", None, "Folder of a classifier from train-classifier "
+                        "(default: train one into OUT/classifier).")
+    flags.DEFINE_string("raddino", None, "Local Hugging Face folder of Rad-DINO "
+                        "(config.json, model.safetensors, preprocessor_config.json).")
+    flags.DEFINE_enum("protocol", "default", ["default", "chexgenbench"], "Preprocessing in "
+                      "front of the feature networks (cxr_rf/features/__init__.py).")
+    flags.DEFINE_integer("bootstrap", 50, "Bootstrap replicates of each FD interval.")
+    flags.DEFINE_integer("batch_size", 64, "Images per feature-extraction batch.")
+    flags.DEFINE_integer("sample_batch_size", 16, "Images per sampling batch.")
+    flags.DEFINE_string("data", None, "train-classifier: converted dataset to train on.")
+    flags.DEFINE_integer("classifier_steps", 1500, "Training steps of each classifier.")
+    flags.DEFINE_integer("num", 48, "control/conditional: seeds (images) per group.")
     flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.steps).")
     flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's "
                        "sample.cfg).")
@@ -327,64 +338,75 @@ def _define_flags() -> None:
                         "the run's sample.guidance).")
     flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: the run's "
                       "sample.method).")
-    flags.DEFINE_integer("seed", 0, "Image i of each group uses noise seed seed + i; also "
-                         "seeds the demographics and the bootstrap.")
-    flags.DEFINE_string("findings", "", "Comma list of findings to evaluate (default: all "
-                        "measurable: " + ", ".join(SCORES) + ").")
-    flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval/control).")
-    cli.check_number("step", 0)
-    cli.check_number("num", 2)
-    cli.check_number("steps", 1)
-    cli.check_number("cfg", 0)
+    flags.DEFINE_integer("seed", 0, "Seeds the noise, the demographics, the subsets and the "
+                         "bootstrap.")
+    flags.DEFINE_string("findings", "", "control/conditional: comma list of findings.")
+    flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval/COMMAND).")
+    for name, lo in (("step", 0), ("num", 2), ("steps", 1), ("cfg", 0), ("reference_num", 2),
+                     ("train_num", 2), ("privacy_prompts", 2), ("privacy_seeds", 1),
+                     ("utility_num", 2), ("bootstrap", 0), ("batch_size", 1),
+                     ("sample_batch_size", 1), ("classifier_steps", 1)):
+        cli.check_number(name, lo)
     cli.check_number("seed", 0, 2**32, hi_open=True)
 
 
 def _usage() -> str:
-    return ("python -m cxr_rf.evaluate control --workdir RUN [--num N] [--steps S] [--cfg C] "
-            "[--method euler|heun] [--seed S] [--out DIR]")
+    return ("python -m cxr_rf.evaluate {" + "|".join(COMMANDS) + "} --workdir RUN [--out DIR] "
+            "(--help for every flag)")
 
 
 def main(argv):
     # Bad input is an errors.UserError: one line, exit 2 (cli.run), before anything loads.
     if len(argv) < 2:
         raise errors.UserError(f"name the evaluation ({', '.join(COMMANDS)}): {_usage()}")
-    if argv[1] not in COMMANDS:
-        raise errors.UserError(f"unknown evaluation {argv[1]!r}; allowed: {', '.join(COMMANDS)}")
+    command = argv[1]
+    if command not in COMMANDS:
+        raise errors.UserError(f"unknown evaluation {command!r}; allowed: {', '.join(COMMANDS)}")
     cli.no_arguments(argv[1:])
-    cli.require("workdir")
+    if command == "train-classifier":
+        cli.require("data", "out")
+        cli.input_dir(FLAGS.data, "--data")
+        cli.output_dir(FLAGS.out, "--out")
+        from cxr_rf.features import classifier
+        classifier.train_cli(FLAGS.data, FLAGS.out, steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+        return
+    if FLAGS.samples and FLAGS.workdir:
+        raise errors.UserError("pass --workdir (sample the run) or --samples (a folder), not both")
+    if command in RUN_COMMANDS or (command == "fidelity" and not FLAGS.samples):
+        cli.require("workdir")
+    if not FLAGS.workdir and not FLAGS.samples:
+        raise errors.UserError(f"{command}: pass --workdir RUN or --samples DIR")
+    if FLAGS.workdir:
+        cli.input_dir(FLAGS.workdir, "--workdir")
+    if FLAGS.samples:
+        cli.input_dir(FLAGS.samples, "--samples")
     if FLAGS.seed + FLAGS.num > 2**32:
         raise errors.UserError(f"--seed + --num must be <= 2**32 (seeds are 32-bit), got "
                                f"{FLAGS.seed} + {FLAGS.num}")
-    findings = [f.strip() for f in FLAGS.findings.split(",") if f.strip()] or list(SCORES)
-    bad = [f for f in findings if f not in SCORES]
-    if bad:
-        raise errors.UserError(f"--findings: cannot measure {', '.join(map(repr, bad))}; "
-                               f"measurable findings: {', '.join(SCORES)}")
-    cli.input_dir(FLAGS.workdir, "--workdir")
-    out = epath.Path(FLAGS.out or epath.Path(FLAGS.workdir) / "eval" / "control")
+    if command == "control":
+        from cxr_rf.evaluation import control
+        findings = [f.strip() for f in FLAGS.findings.split(",") if f.strip()]
+        bad = [f for f in findings if f not in control.SCORES]
+        if bad:
+            raise errors.UserError(f"--findings: cannot measure {', '.join(map(repr, bad))}; "
+                                   f"measurable findings: {', '.join(control.SCORES)}")
+    base = epath.Path(FLAGS.workdir or FLAGS.samples) / "eval"
+    out = epath.Path(FLAGS.out or base / command)
     cli.output_dir(str(out), "--out")
-    from cxr_rf import sample
-    cfg = sample.read_config(FLAGS.workdir)
-    guidance = sample.Guidance.for_run(cfg.sample, FLAGS.cfg, FLAGS.guidance)
-    _, unlisted = sample.training_defaults(cfg, FLAGS.workdir)
-    sampler = sample.Sampler(cfg)
-    params, step = sampler.restore(FLAGS.workdir, FLAGS.step)
-    result, images = control(cfg, sampler.model, params, num=FLAGS.num, steps=FLAGS.steps,
-                             method=FLAGS.method, seed=FLAGS.seed, findings=findings,
-                             sampler=sampler, guidance=guidance, unlisted=unlisted,
-                             return_images=True)
-    result = {"checkpoint_step": int(step), "workdir": str(FLAGS.workdir), **result}
-    md = table(result)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "control.json").write_text(json.dumps(to_json(result), indent=1, allow_nan=False))
-    (out / "control.md").write_text(md)
-    with (out / "control.png").open("wb") as f:
-        contact_sheet(images, result).save(f, format="PNG")
-    print(md)
-    t = result["timing_s"]
-    print(f"wrote control.json, control.md and control.png to {out} (checkpoint step {step}; "
-          f"sampling {t['sample']:.1f} s, measuring {t['measure']:.1f} s, real phantoms "
-          f"{t['real']:.1f} s)")
+    for path, flag in ((FLAGS.reference, "--reference"), (FLAGS.classifier, "--classifier"),
+                       (FLAGS.raddino, "--raddino")):
+        if path:
+            cli.input_dir(path, flag)
+    ctx = Context(out, single=command != "all")
+    if command == "all":
+        run_all(ctx)
+        return
+    r = SECTIONS[command](ctx)
+    if command == "control":
+        t = r["timing_s"]
+        print(f"(checkpoint step {r['checkpoint_step']}; sampling {t['sample']:.1f} s, measuring "
+              f"{t['measure']:.1f} s, real phantoms {t['real']:.1f} s)")
+    print(f"wrote the {command} results to {out}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 The features (one row per image, e.g. an Inception pool layer or a chest-X-ray encoder) come in
 as ``feats_NxD`` arrays or as a ``FeatureStore`` (``.npy`` chunks on disk, for N too large to
 hold); every function here accepts either, reads the rows block by block, and gives the same
-numbers for both. Nothing extracts features yet: that, and the ``evaluate fid`` command, are
-the caller's.
+numbers for both. Extracting features and choosing the sets is ``cxr_rf.evaluation.fidelity``'s
+(``python -m cxr_rf.evaluate fidelity``).
 
     RunningMoments     streaming mean and covariance (Chan's parallel merge, float64)
     frechet_distance   FD between two Gaussians (mu, cov); ``fid`` does real vs fake rows
+    bootstrap_fd       FD of Poisson-bootstrap replicates of both sets, in one streaming pass
     kernel_distance    KID: unbiased MMD² with the cubic polynomial kernel, over subsets
     prdc               precision, recall, density, coverage (Naeem et al. 2020)
 
@@ -99,13 +100,28 @@ class RunningMoments:
         return self._scatter_DxD / (self.count - 1)
 
 
-def moments(feats, block_size: int = DEFAULT_BLOCK) -> RunningMoments:
-    """RunningMoments of every row of ``feats`` (array or FeatureStore), block by block."""
+def moments(feats, block_size: int = DEFAULT_BLOCK, idx=None) -> RunningMoments:
+    """RunningMoments of the rows of ``feats`` (array or FeatureStore), block by block: every
+    row, or the rows at ``idx`` (ascending, no repeats: a subgroup)."""
     rows = _rows(feats, "features")
+    block_size = _check_block(block_size)
     m = RunningMoments(rows.dim)
-    for _, block in rows.blocks(_check_block(block_size)):
+    for block in _blocks_at(rows, idx, block_size):
         m.update(block)
     return m
+
+
+def _blocks_at(rows, idx, block_size: int) -> Iterator[np.ndarray]:
+    """The rows of ``rows`` (all, or those at sorted ``idx``), ``block_size`` at a time."""
+    if idx is None:
+        for _, block in rows.blocks(block_size):
+            yield block
+        return
+    idx = np.asarray(idx, np.int64)
+    if idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= rows.n):
+        raise errors.UserError(f"row indices must be ascending, unique and in [0, {rows.n})")
+    for s in range(0, idx.size, block_size):
+        yield rows.take(idx[s:s + block_size])
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -149,6 +165,52 @@ def fid(real, fake, block_size: int = DEFAULT_BLOCK) -> float:
     if a.dim != b.dim:
         raise errors.UserError(f"real features have {a.dim} columns, fake {b.dim}")
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+def _poisson_moments(rows, idx, n_boot: int, rng: np.random.Generator, center_D: np.ndarray,
+                     block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Means [n_boot, D] and covariances [n_boot, D, D] of ``n_boot`` Poisson(1)-weighted
+    replicates of the rows (centred on ``center_D`` first, so the raw-moment sums lose no
+    precision; the mean is added back)."""
+    d = rows.dim
+    s0 = np.zeros(n_boot)
+    s1 = np.zeros((n_boot, d))
+    s2 = np.zeros((n_boot, d, d))
+    for block in _blocks_at(rows, idx, block_size):
+        x = block - center_D
+        w_KxB = rng.poisson(1.0, (n_boot, x.shape[0])).astype(np.float64)
+        s0 += w_KxB.sum(1)
+        s1 += w_KxB @ x
+        s2 += np.einsum("kb,bd,be->kde", w_KxB, x, x, optimize=True)
+    s0 = np.maximum(s0, 2.0)                     # a replicate needs two rows for a covariance
+    mean = s1 / s0[:, None]
+    cov = (s2 - s0[:, None, None] * mean[:, :, None] * mean[:, None, :]) / (s0 - 1)[:, None, None]
+    return mean + center_D, cov
+
+
+def bootstrap_fd(real, fake, n_boot: int = 50, seed: int = 0, real_idx=None, fake_idx=None,
+                 block_size: int = DEFAULT_BLOCK) -> np.ndarray:
+    """FDs of ``n_boot`` bootstrap replicates of (real, fake), optionally restricted to the
+    rows at ``real_idx`` / ``fake_idx`` (a subgroup).
+
+    Poisson bootstrap (every row weighted by an independent Poisson(1) count, the streaming
+    form of resampling with replacement): one pass over each side's blocks accumulates all
+    replicates' weighted moments, so memory is ``n_boot`` D x D matrices plus one block,
+    whatever N. Their spread is FD's standard error; their percentiles are a poor interval,
+    because a resample repeats rows and FD is biased upward at small N
+    (``cxr_rf.evaluation.fidelity`` reports point ± 1.96 standard errors)."""
+    a, b = _rows(real, "real"), _rows(fake, "fake")
+    if a.dim != b.dim:
+        raise errors.UserError(f"real features have {a.dim} columns, fake {b.dim}")
+    if n_boot < 1:
+        raise errors.UserError(f"n_boot must be >= 1, got {n_boot}")
+    block_size = _check_block(block_size)
+    rng = np.random.default_rng(seed)
+    ma, mb = moments(a, block_size, real_idx), moments(b, block_size, fake_idx)
+    mu_a, cov_a = _poisson_moments(a, real_idx, n_boot, rng, ma.mean, block_size)
+    mu_b, cov_b = _poisson_moments(b, fake_idx, n_boot, rng, mb.mean, block_size)
+    return np.array([frechet_distance(mu_a[i], cov_a[i], mu_b[i], cov_b[i])
+                     for i in range(n_boot)])
 
 
 # --------------------------------------------------------------------------- KID

@@ -55,6 +55,19 @@ def grid(images: Sequence[np.ndarray], labels: Sequence[str] | None = None,
     return sheet
 
 
+def to_json(obj):
+    """``obj`` with NaN/inf floats as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_manifest(path: str | epath.Path, rows: Iterable[Mapping]) -> None:
     """One JSON object per line."""
     with epath.Path(path).open("w") as f:

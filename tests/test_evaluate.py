@@ -1,4 +1,4 @@
-"""python -m cxr_rf.evaluate control: the measurement path and its ceiling on real phantoms,
+"""python -m cxr_rf.evaluate control (cxr_rf.evaluation.control): the measurement path and its ceiling on real phantoms,
 the grouping and matching of ``control`` against a stand-in sampler that draws real phantoms
 (analytic: it must reach the ceiling), the command on a tiny trained run, and bad inputs
 (one ``error:`` line, exit 2, nothing written)."""
@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_rf import cli, conditioning, evaluate
+from cxr_rf import cli, conditioning, evaluate, outputs
+from cxr_rf.evaluation import control
 from cxr_rf.data import imaging, phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,18 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- pieces
 
 def test_demographics_are_fixed_by_the_seed_and_in_range():
-    a = evaluate.demographics(40, seed=3)
-    assert a == evaluate.demographics(40, seed=3)
-    assert a[:10] == evaluate.demographics(10, seed=3)     # entry i does not depend on num
-    assert a != evaluate.demographics(40, seed=4)
+    a = control.demographics(40, seed=3)
+    assert a == control.demographics(40, seed=3)
+    assert a[:10] == control.demographics(10, seed=3)     # entry i does not depend on num
+    assert a != control.demographics(40, seed=4)
     assert {d["sex"] for d in a} == {"M", "F"} and {d["view"] for d in a} == {"PA", "AP"}
     assert all(40 <= d["age"] <= 85 for d in a)
 
 
 def test_positive_and_negative_conditions_differ_only_in_findings():
     d = {"sex": "F", "age": 65.0, "view": "PA"}
-    pos = evaluate.condition("Cardiomegaly", True, d)
-    neg = evaluate.condition("Cardiomegaly", False, d)
+    pos = control.condition("Cardiomegaly", True, d)
+    neg = control.condition("Cardiomegaly", False, d)
     i = conditioning.FINDINGS.index("Cardiomegaly")
     assert pos.findings[i] == conditioning.POSITIVE and neg.findings[i] == conditioning.NEGATIVE
     for c in (pos, neg):
@@ -41,35 +42,35 @@ def test_positive_and_negative_conditions_differ_only_in_findings():
     np.testing.assert_array_equal(tp[n:], tn[n:])
     # Unlisted findings take the run's training defaults.
     unlisted = {f: conditioning.UNMENTIONED for f in conditioning.FINDINGS}
-    c = evaluate.condition("Cardiomegaly", True, d, unlisted)
+    c = control.condition("Cardiomegaly", True, d, unlisted)
     assert c.findings[conditioning.FINDINGS.index("Edema")] == conditioning.UNMENTIONED
 
 
 def test_samples_and_real_phantoms_are_measured_the_same_way():
     """A real phantom in the model's [-1, 1] form measures exactly as its uint16 image
     upsampled to 128 px; 128 px and up are measured as they are."""
-    demos = evaluate.demographics(2, seed=0)
-    x = evaluate.real_images("Cardiomegaly", True, demos, 64)
+    demos = control.demographics(2, seed=0)
+    x = control.real_images("Cardiomegaly", True, demos, 64)
     assert x.shape == (2, 64, 64) and x.dtype == np.float32 and -1 <= x.min() < x.max() <= 1
-    img = phantom.generate(evaluate.REAL_SEED, 1, 64, findings={"Cardiomegaly": True},
+    img = phantom.generate(control.REAL_SEED, 1, 64, findings={"Cardiomegaly": True},
                            **demos[1]).image
     want = phantom.measure(imaging.fit_square(img, 128))
-    got = evaluate.measure_images(x)[1]
+    got = control.measure_images(x)[1]
     assert got == want
     big = phantom.generate(0, 0, 128).image
-    assert evaluate.measure_images(big[None] * (2 / 65535) - 1)[0] == phantom.measure(big)
+    assert control.measure_images(big[None] * (2 / 65535) - 1)[0] == phantom.measure(big)
 
 
 def test_compare_counts_nans_and_summarises():
     def m(ctr):
         return {"ctr": ctr}
-    r = evaluate.compare("Cardiomegaly", [m(0.6), m(0.55), m(np.nan)], [m(0.4), m(0.5)],
+    r = control.compare("Cardiomegaly", [m(0.6), m(0.55), m(np.nan)], [m(0.4), m(0.5)],
                          n_boot=50)
     assert r["auroc"] == 1.0
     assert r["pos"]["score"]["nan"] == 1 and r["pos"]["score"]["n"] == 2
     assert r["pos"]["ctr"]["mean"] == pytest.approx(0.575)
     assert r["neg"]["score"]["mean"] == pytest.approx(0.45)
-    eff = evaluate.SCORES["Pleural Effusion"]
+    eff = control.SCORES["Pleural Effusion"]
     assert eff({"cp_blunting_left": 0.01, "cp_blunting_right": 0.05}) == 0.05
     assert np.isnan(eff({"cp_blunting_left": np.nan, "cp_blunting_right": 0.05}))
 
@@ -79,10 +80,10 @@ def test_compare_counts_nans_and_summarises():
 def test_real_phantom_ceiling_at_64_px(finding, num):
     """The measurements separate real 64 px phantoms with and without the finding (the
     condition for a finding to be in SCORES; Pneumothorax is the weakest, ~0.93 at N=200)."""
-    demos = evaluate.demographics(num, seed=0)
-    pos = evaluate.measure_images(evaluate.real_images(finding, True, demos, 64))
-    neg = evaluate.measure_images(evaluate.real_images(finding, False, demos, 64))
-    r = evaluate.compare(finding, pos, neg, n_boot=100)
+    demos = control.demographics(num, seed=0)
+    pos = control.measure_images(control.real_images(finding, True, demos, 64))
+    neg = control.measure_images(control.real_images(finding, False, demos, 64))
+    r = control.compare(finding, pos, neg, n_boot=100)
     assert r["auroc"] >= 0.9, r["auroc"]
     assert r["pos"]["score"]["nan"] == r["neg"]["score"]["nan"] == 0
     assert r["pos"]["score"]["mean"] > r["neg"]["score"]["mean"]
@@ -107,8 +108,8 @@ class PhantomSampler:
         out = []
         for c, sd in zip(conditions, seeds):
             forced = {f: c.findings[conditioning.FINDINGS.index(f)] == conditioning.POSITIVE
-                      for f in evaluate.SCORES}
-            img = phantom.generate(evaluate.REAL_SEED, sd - self.SEED0, self.resolution,
+                      for f in control.SCORES}
+            img = phantom.generate(control.REAL_SEED, sd - self.SEED0, self.resolution,
                                    findings=forced, sex=c.sex, age=c.age, view=c.view).image
             out.append(img.astype(np.float32) * (2 / 65535) - 1)
         return np.stack(out)
@@ -119,7 +120,7 @@ def test_control_groups_matches_and_reaches_the_ceiling(tiny_config):
     cfg.sample.update(steps=7, cfg=2.5, method="heun")
     fake = PhantomSampler(64)
     num, findings = 8, ["Cardiomegaly", "Pleural Effusion"]
-    result, images = evaluate.control(cfg, None, None, num=num, seed=PhantomSampler.SEED0,
+    result, images = control.control(cfg, None, None, num=num, seed=PhantomSampler.SEED0,
                                       findings=findings, sampler=fake, return_images=True)
     # One generate call; the two negative groups are the same requests and sampled once.
     assert len(fake.calls) == 1
@@ -127,7 +128,7 @@ def test_control_groups_matches_and_reaches_the_ceiling(tiny_config):
     assert (call["steps"], call["cfg_scale"], call["method"]) == (7, 2.5, "heun")
     assert len(call["seeds"]) == num * (len(findings) + 1)
     assert result["settings"]["images_sampled"] == num * 3
-    demos = evaluate.demographics(num, PhantomSampler.SEED0)
+    demos = control.demographics(num, PhantomSampler.SEED0)
     assert result["demographics"] == demos
     for c, sd in zip(call["conditions"], call["seeds"]):    # seed i <-> demographics i
         d = demos[sd - PhantomSampler.SEED0]
@@ -141,11 +142,11 @@ def test_control_groups_matches_and_reaches_the_ceiling(tiny_config):
         assert lo <= e["samples"]["auroc"] <= hi
         assert len(e["samples"]["scores"]["pos"]) == num
     # The md table and strict JSON.
-    md = evaluate.table(result)
+    md = control.table(result)
     assert md.count("\n| Cardiomegaly | ctr |") == 1 and "| Pleural Effusion |" in md
-    json.dumps(evaluate.to_json(result), allow_nan=False)
+    json.dumps(outputs.to_json(result), allow_nan=False)
     # Other sampling settings are passed through.
-    evaluate.control(cfg, None, None, num=2, steps=3, cfg_scale=1.0, method="euler",
+    control.control(cfg, None, None, num=2, steps=3, cfg_scale=1.0, method="euler",
                      seed=PhantomSampler.SEED0, findings=["Pneumothorax"], sampler=fake,
                      real=False)
     assert (fake.calls[-1]["steps"], fake.calls[-1]["cfg_scale"],
@@ -155,15 +156,15 @@ def test_control_groups_matches_and_reaches_the_ceiling(tiny_config):
 def test_control_refuses_bad_arguments(tiny_config):
     cfg = tiny_config(64)
     fake = PhantomSampler(64)
-    with pytest.raises(evaluate.errors.UserError, match="measurable findings: Cardiomegaly"):
-        evaluate.control(cfg, None, None, findings=["Edema"], sampler=fake)
-    with pytest.raises(evaluate.errors.UserError, match="num must be >= 2"):
-        evaluate.control(cfg, None, None, num=1, sampler=fake)
+    with pytest.raises(control.errors.UserError, match="measurable findings: Cardiomegaly"):
+        control.control(cfg, None, None, findings=["Edema"], sampler=fake)
+    with pytest.raises(control.errors.UserError, match="num must be >= 2"):
+        control.control(cfg, None, None, num=1, sampler=fake)
     assert not fake.calls
 
 
 def test_to_json_is_strict():
-    out = evaluate.to_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2), np.inf],
+    out = outputs.to_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(2), np.inf],
                             "c": np.bool_(True)})
     assert out == {"a": None, "b": [1.5, 2, None], "c": True}
 
@@ -218,8 +219,8 @@ def _files(root: Path) -> set[str]:
 
 
 BAD = [
-    ([], "name the evaluation (control)"),
-    (["fd", "--workdir={run}"], "unknown evaluation 'fd'; allowed: control"),
+    ([], "name the evaluation (all, control"),
+    (["fd", "--workdir={run}"], "unknown evaluation 'fd'; allowed: all, control"),
     (["control", "extra", "--workdir={run}"], "unexpected arguments: extra"),
     (["control"], "--workdir is required"),
     (["control", "--workdir=nowhere"], "--workdir nowhere does not exist"),
@@ -260,8 +261,9 @@ def test_module_entry_point_fails_in_one_line(tmp_path):
     """``python -m cxr_rf.evaluate`` itself: an unknown subcommand is one line, exit 2."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    r = subprocess.run([sys.executable, "-m", "cxr_rf.evaluate", "privacy", "--workdir=x"],
+    r = subprocess.run([sys.executable, "-m", "cxr_rf.evaluate", "fid", "--workdir=x"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr == "error: unknown evaluation 'privacy'; allowed: control\n"
+    assert r.stderr == ("error: unknown evaluation 'fid'; allowed: all, control, conditional, "
+                        "fidelity, privacy, utility, train-classifier\n")
     assert r.stdout == "" and not any(tmp_path.iterdir())
