@@ -35,6 +35,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("freq", None),            # timestep sinusoid features
     ("ctx", None),             # rows of the context position table
+    # Autoencoder convolutions (cxr_rf/autoencoder): replicated. 84M parameters at most, and
+    # the first and last convolutions have one channel, which no mesh axis divides.
+    ("conv_in", None),
+    ("conv_out", None),
     # Activations. The batch is split over data and fsdp (FSDP is data parallel for
     # activations: each fsdp shard computes its own examples with gathered weights); the model
     # dimension stays whole, tensor parallelism splits MLP hidden and heads like the weights.
