@@ -100,20 +100,20 @@ class Context:
             self._sets[key] = sets.ReferenceSet(self.reference, split, limit=limit, seed=FLAGS.seed)
         return self._sets[key]
 
-    def generated(self, split: str, limit: int | None, seeds: int):
-        """Samples for the metadata of ``limit`` rows of the reference ``split`` (× seeds),
-        or the --samples folder for the test split."""
+    def generated(self, purpose: str, split: str, limit: int | None, seeds: int):
+        """Samples for the metadata of ``limit`` rows of the reference ``split`` (× seeds), in
+        OUT/samples/PURPOSE; the --samples folder stands in for fidelity's."""
         from cxr_rf.evaluation import sets
-        if FLAGS.samples and split == FLAGS.split:
+        if FLAGS.samples and purpose == "fidelity":
             return sets.FolderSet(FLAGS.samples)
-        key = ("generated", split, limit, seeds)
+        key = ("generated", purpose, split, limit, seeds)
         if key not in self._sets:
             cfg, sampler, params, step, guidance, _ = self.run
             kw = self.sampling()
             settings = {"workdir": str(self.workdir), "checkpoint_step": step, "steps": kw["steps"],
                         "method": kw["method"], **guidance.describe()}
             self._sets[key] = sets.generate(
-                sampler, params, self.real(split, limit), self.out / "samples" / split,
+                sampler, params, self.real(split, limit), self.out / "samples" / purpose,
                 seeds=seeds, seed=FLAGS.seed, settings=settings, progress=True, **kw)
         return self._sets[key]
 
@@ -134,8 +134,16 @@ class Context:
             self._classifier = features.get("cxr_classifier", path, protocol=FLAGS.protocol)
         return self._classifier
 
-    def spaces(self) -> dict:
-        """{name: extractor} of --features (raddino added when --raddino is given)."""
+    def check_spaces(self) -> None:
+        """The --features names and the folders they need, without training anything."""
+        from cxr_rf import features
+        for name in self._space_names():
+            if name == "raddino":
+                self._extractors[name] = features.get(name, FLAGS.raddino, protocol=FLAGS.protocol)
+            elif name == "cxr_classifier" and FLAGS.classifier:
+                self._classifier = features.get(name, FLAGS.classifier, protocol=FLAGS.protocol)
+
+    def _space_names(self) -> list[str]:
         from cxr_rf import features
         names = [n.strip() for n in FLAGS.features.split(",") if n.strip()]
         if FLAGS.raddino and "raddino" not in names:
@@ -144,6 +152,12 @@ class Context:
         if bad or not names:
             raise errors.UserError(f"--features: unknown {bad or 'nothing'}; choose from "
                                    f"{', '.join(features.NAMES)}")
+        return names
+
+    def spaces(self) -> dict:
+        """{name: extractor} of --features (raddino added when --raddino is given)."""
+        from cxr_rf import features
+        names = self._space_names()
         for n in names:
             if n not in self._extractors:
                 self._extractors[n] = (self.classifier if n == "cxr_classifier"
@@ -201,7 +215,7 @@ def section_conditional(ctx: Context) -> dict:
 def section_fidelity(ctx: Context) -> dict:
     from cxr_rf.evaluation import fidelity
     real = ctx.real(FLAGS.split, FLAGS.reference_num)
-    fake = ctx.generated(FLAGS.split, FLAGS.reference_num, 1)
+    fake = ctx.generated("fidelity", FLAGS.split, FLAGS.reference_num, 1)
     result = {}
     for name, ex in ctx.spaces().items():
         if name == "pixels":
@@ -224,7 +238,7 @@ def section_privacy(ctx: Context) -> dict:
     train = ctx.real("train", FLAGS.train_num)
     heldout = ctx.real(FLAGS.split, FLAGS.reference_num)
     prompts = ctx.real("train", FLAGS.privacy_prompts)
-    samples = ctx.generated("train", FLAGS.privacy_prompts, FLAGS.privacy_seeds)
+    samples = ctx.generated("privacy", "train", FLAGS.privacy_prompts, FLAGS.privacy_seeds)
     # generated prompt rows index the prompt subset; privacy wants rows of ``train``
     samples = _reindex_prompts(samples, prompts, train)
     spaces = {"pixels": features.Pixels(), **{n: e for n, e in ctx.spaces().items()
@@ -233,8 +247,11 @@ def section_privacy(ctx: Context) -> dict:
     result = {"samples": privacy.privacy(samples, train, heldout, spaces, workdir=ctx.out,
                                          out_dir=out, batch_size=FLAGS.batch_size)}
     # The controls: the same measurement must flag lightly perturbed training copies and must
-    # not flag unseen real images (pixel space: what a copy is).
-    copies = privacy.perturbed_copies(train, min(len(samples), len(train)), seed=FLAGS.seed)
+    # not flag unseen real images (pixel space: what a copy is). The copies' shift is 1/256 of
+    # the width (none below 256 px: one pixel of a 32-px image moves the anatomy by 3%, which
+    # is not "lightly perturbed" any more).
+    copies = privacy.perturbed_copies(train, min(len(samples), len(train)), seed=FLAGS.seed,
+                                      shift=train.resolution // 256)
     px = {"pixels": spaces["pixels"]}
     result["control_copies"] = privacy.privacy(copies, train, heldout, px, workdir=ctx.out,
                                                batch_size=FLAGS.batch_size)
@@ -259,9 +276,10 @@ def _reindex_prompts(samples, prompts, train):
 def section_utility(ctx: Context) -> dict:
     from cxr_rf.evaluation import utility
     real = ctx.real("train", FLAGS.utility_num)
-    synthetic = ctx.generated("train", FLAGS.utility_num, 1)
+    synthetic = ctx.generated("utility", "train", FLAGS.utility_num, 1)
     test = ctx.real(FLAGS.split, FLAGS.reference_num)
-    result = utility.utility(real, synthetic, test, steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+    result = utility.utility(real, synthetic, test, steps=FLAGS.classifier_steps, seed=FLAGS.seed,
+                             out_dir=str(ctx.dir("utility") / "classifiers"))
     return _write(ctx.dir("utility"), "utility.json", result)
 
 
@@ -288,7 +306,8 @@ def run_all(ctx: Context) -> dict:
     if "fidelity" in names:
         metrics["samples_png"] = report.samples_png(
             str(ctx.out / "plots" / "samples.png"),
-            ctx.generated(FLAGS.split, FLAGS.reference_num, 1), ctx.real(FLAGS.split, FLAGS.reference_num))
+            ctx.generated("fidelity", FLAGS.split, FLAGS.reference_num, 1),
+            ctx.real(FLAGS.split, FLAGS.reference_num))
     _write(ctx.out, "metrics.json", metrics)
     report.write(metrics, ctx.out)
     print(f"wrote metrics.json, report.md and report.html to {ctx.out}")
@@ -328,7 +347,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 64, "Images per feature-extraction batch.")
     flags.DEFINE_integer("sample_batch_size", 16, "Images per sampling batch.")
     flags.DEFINE_string("data", None, "train-classifier: converted dataset to train on.")
-    flags.DEFINE_integer("classifier_steps", 1500, "Training steps of each classifier.")
+    flags.DEFINE_integer("classifier_steps", 600, "Training steps of each classifier.")
     flags.DEFINE_integer("num", 48, "control/conditional: seeds (images) per group.")
     flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.steps).")
     flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's "
@@ -367,8 +386,11 @@ def main(argv):
         cli.require("data", "out")
         cli.input_dir(FLAGS.data, "--data")
         cli.output_dir(FLAGS.out, "--out")
+        from cxr_rf.data import pipeline
         from cxr_rf.features import classifier
+        pipeline.open_source(FLAGS.data, "train")          # a bad --data fails before --out exists
         classifier.train_cli(FLAGS.data, FLAGS.out, steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+        print(f"wrote the classifier to {FLAGS.out}")
         return
     if FLAGS.samples and FLAGS.workdir:
         raise errors.UserError("pass --workdir (sample the run) or --samples (a folder), not both")
@@ -398,6 +420,14 @@ def main(argv):
         if path:
             cli.input_dir(path, flag)
     ctx = Context(out, single=command != "all")
+    # Everything that can be wrong with the inputs fails here, before a sample is drawn or a
+    # file written: the feature spaces load (weights folders read), the reference opens.
+    if FLAGS.samples:
+        from cxr_rf.evaluation import sets
+        sets.FolderSet(FLAGS.samples)
+    if command != "control":
+        ctx.check_spaces()
+        ctx.real(FLAGS.split, FLAGS.reference_num)
     if command == "all":
         run_all(ctx)
         return

@@ -209,6 +209,41 @@ def test_command_writes_json_markdown_and_sheet(tiny_run, tmp_path, capsys):
     assert (tiny_run / "eval" / "control" / "control.json").exists()
 
 
+def test_all_writes_every_section_metrics_and_a_report(tiny_run, tmp_path, capsys):
+    """``evaluate all`` end to end on the tiny run, every section at toy sizes: a classifier is
+    trained when none is given, the samples of each split are generated once and reused by a
+    second call, and the report links what it shows."""
+    out = tmp_path / "all"
+    args = ["all", f"--workdir={tiny_run}", f"--out={out}", "--num=2", "--steps=1",
+            "--reference_num=4", "--privacy_prompts=3", "--privacy_seeds=2", "--utility_num=6",
+            "--classifier_steps=3", "--bootstrap=2", "--batch_size=4"]
+    assert cli.call(evaluate, args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["sections"]) == {"control", "conditional", "fidelity", "privacy", "utility"}
+    assert m["checkpoint_step"] == 2
+    fid = m["sections"]["fidelity"]["cxr_classifier"]
+    assert fid["n_real"] == fid["n_fake"] == 4 and fid["overall"]["fd"] >= 0
+    pv = m["sections"]["privacy"]
+    assert pv["samples"]["sets"]["samples"]["n"] == 6
+    assert pv["control_copies"]["spaces"]["pixels"]["copy_rate"]["rate"] == 1.0
+    assert set(m["sections"]["utility"]["models"]) == {"real", "synthetic", "real+synthetic"}
+    assert (out / "classifier" / "config.json").exists()
+    assert len(list((out / "samples" / "privacy").glob("*.png"))) == 3 * 2
+    assert len(list((out / "samples" / "utility").glob("*.png"))) == 6
+    md = (out / "report.md").read_text()
+    assert "## Utility" in md and "## Privacy" in md and "## Control" in md
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 5
+    # A second run reuses the classifier, samples and features: same numbers.
+    capsys.readouterr()
+    assert cli.call(evaluate, args) == 0
+    assert "training one" not in capsys.readouterr().out
+    again = json.loads((out / "metrics.json").read_text())
+    for r in (m, again):
+        del r["sections"]["fidelity"]["cxr_classifier"]["timing_s"]
+    assert again["sections"]["fidelity"] == m["sections"]["fidelity"]
+
+
 def tiny_run_cfg(run):
     from cxr_rf import sample
     return sample.read_config(run)
@@ -236,6 +271,18 @@ BAD = [
     (["control", "--workdir={run}", "--findings=Edema"], "cannot measure 'Edema'"),
     (["control", "--workdir={run}", "--out={file}"], "--out afile exists and is not a directory"),
     (["control", "--workdir={run}", "--step=7"], "no checkpoint for step 7"),
+    (["all"], "all: pass --workdir RUN or --samples DIR"),
+    (["fidelity", "--samples=nowhere"], "--samples nowhere does not exist"),
+    (["fidelity", "--samples={empty}"], "has no manifest.jsonl"),
+    (["all", "--workdir={run}", "--samples={empty}"], "not both"),
+    (["privacy", "--samples={empty}"], "--workdir is required"),
+    (["fidelity", "--workdir={run}", "--features=inception"], "--features: unknown ['inception']"),
+    (["fidelity", "--workdir={run}", "--features=raddino"], "needs a local folder of weights"),
+    (["fidelity", "--workdir={run}", "--raddino={empty}"], "config.json"),
+    (["fidelity", "--workdir={run}", "--reference={empty}"], "no converted dataset"),
+    (["train-classifier", "--out=x"], "--data is required"),
+    (["train-classifier", "--data={empty}", "--out=x"], "no converted dataset"),
+    (["all", "--workdir={run}", "--protocol=inception"], "--protocol"),
 ]
 
 

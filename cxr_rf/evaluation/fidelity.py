@@ -32,9 +32,8 @@ from cxr_rf import conditioning as cond
 from cxr_rf import errors
 from cxr_rf import fidelity as fd
 from cxr_rf.evaluation.embed import cached_features
-from cxr_rf.evaluation.sets import ImageSet
+from cxr_rf.evaluation.sets import SUBGROUPS, ImageSet, group_value
 
-SUBGROUPS = ("sex", "age", "race", "view", "source")
 MIN_COUNT = 20          # rows per side before a finding or subgroup is scored
 BOOTSTRAP = 50          # bootstrap replicates of each FD interval
 KID_SUBSETS = 100
@@ -42,15 +41,6 @@ PRDC_K = 5
 
 
 # ----------------------------------------------------------------------------- groups
-
-def group_value(meta: Mapping, attr: str) -> str | None:
-    """The subgroup ``meta`` falls in for ``attr``; None where a generated image's condition
-    was not specified."""
-    if attr == "age":
-        age = meta["age"]
-        return None if age is None else cond.AGE_BINS[cond.age_bin(float(age))]
-    return meta[attr]
-
 
 def subgroups(metas: Sequence[Mapping]) -> dict[str, dict[str, np.ndarray]]:
     """{attr: {value: ascending row indices}} over SUBGROUPS."""

@@ -29,7 +29,9 @@ Block = tuple
 def _n(x, d: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
-    return f"{x:.{d}g}" if abs(x) >= 1000 or (0 < abs(x) < 1e-3) else f"{x:.{d}f}"
+    if x != 0 and (abs(x) >= 1000 or abs(x) < 0.01):
+        return f"{x:.{max(d, 2)}g}"          # KD is ~1e-4..1e-2: keep its digits
+    return f"{x:.{d}f}"
 
 
 def _ci(e: dict | None, key: str = "auroc", d: int = 2) -> str:
@@ -221,30 +223,25 @@ def blocks(m: dict, out: str) -> list[Block]:
         b.append(("h2", "Utility: classifiers trained on real, synthetic and both"))
         b.append(("p", "Each trained with the same recipe and steps, tested on held-out real images; "
                        "AUROC per finding [95% bootstrap CI]."))
-        arms = [a for a in ("real", "synthetic", "both") if a in u.get("arms", {})]
-        fs = sorted({f for a in arms for f in u["arms"][a].get("findings", {})},
-                    key=lambda f: _finding_order(f))
-        rows = [[f] + [_ci(u["arms"][a]["findings"].get(f)) for a in arms] for f in fs]
-        rows.append(["macro"] + [_n(u["arms"][a].get("macro_auroc"), 3) for a in arms])
-        b.append(("table", ["finding"] + arms, rows))
-        gaps = [[a, attr, _n(g.get("gap"), 3), ", ".join(
-                    f"{v}: {_n(x.get('macro_auroc'), 2)} (n={x.get('n')})"
-                    for v, x in g.get("groups", {}).items())]
-                for a in arms for attr, g in u["arms"][a].get("subgroups", {}).items()]
+        arms = [a for a in ("real", "synthetic", "real+synthetic") if a in u.get("models", {})]
+        fs = [f for f in u.get("findings", []) if any(
+            (u["models"][a]["auroc"].get(f) or {}).get("auroc") is not None for a in arms)]
+        rows = [[f] + [_ci(u["models"][a]["auroc"].get(f)) for a in arms] for f in fs]
+        rows.append(["macro"] + [_n(u["models"][a].get("macro_auroc"), 3) for a in arms])
+        b.append(("table", ["finding"] + [f"trained on {a}" for a in arms], rows))
+        gaps = [[a, attr, _n(g.get("gap"), 3) if g.get("gap") is not None else g.get("reason", "-"),
+                 ", ".join(f"{v}: {_n(x.get('macro_auroc'), 2)} (n={x.get('n')})"
+                           for v, x in g.get("groups", {}).items())]
+                for a in arms for attr, g in u["models"][a].get("subgroups", {}).items()]
         if gaps:
             b.append(("table", ["trained on", "attribute", "macro-AUROC gap", "per group"], gaps))
         if fs:
             p = _bars(os.path.join(plots, "utility.png"), fs,
-                      {a: ([(u["arms"][a]["findings"].get(f) or {}).get("auroc") for f in fs],
-                           [(u["arms"][a]["findings"].get(f) or {}).get("ci95") for f in fs])
+                      {a: ([(u["models"][a]["auroc"].get(f) or {}).get("auroc") for f in fs],
+                           [(u["models"][a]["auroc"].get(f) or {}).get("ci95") for f in fs])
                        for a in arms}, "AUROC on held-out real", "Utility per finding", hline=0.5)
             b.append(("img", rel(p), "Utility: AUROC per finding by training set"))
     return b
-
-
-def _finding_order(f: str) -> int:
-    from cxr_rf import conditioning
-    return conditioning.FINDINGS.index(f) if f in conditioning.FINDINGS else 99
 
 
 # ----------------------------------------------------------------------------- render

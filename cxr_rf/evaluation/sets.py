@@ -16,6 +16,8 @@ A metadata dict uses the dataset's vocabulary (``cxr_rf.conditioning``):
     FolderSet(directory)      PNGs + manifest.jsonl, as ``python -m cxr_rf.sample`` and
                               ``generate`` write them
     ArraySet(images, metas)   in memory (tests, perturbed copies)
+    Subset(set, idx)          rows of another set
+    ConcatSet([a, b])         sets one after the other, at the first one's resolution
     generate(sampler, params, prompts, out, ...)   a run's samples for the metadata of a set
                               (``seeds`` per prompt row), written as a FolderSet, resumable
 
@@ -36,6 +38,17 @@ from cxr_rf.conditioning import Conditions
 from cxr_rf.data import imaging, schema
 
 META_FIELDS = ("findings", "sex", "age", "race", "view", "source", "patient_id")
+# The attributes sets are split by in subgroup results (fidelity, utility).
+SUBGROUPS = ("sex", "age", "race", "view", "source")
+
+
+def group_value(meta: Mapping, attr: str) -> str | None:
+    """The subgroup ``meta`` falls in for ``attr`` (age: a ``conditioning.AGE_BINS`` band);
+    None where a generated image's condition was not specified."""
+    if attr == "age":
+        age = meta.get("age")
+        return None if age is None else cond.AGE_BINS[cond.age_bin(float(age))]
+    return meta.get(attr)
 
 
 class ImageSet:
@@ -257,3 +270,24 @@ class Subset(ImageSet):
 
     def _load(self, i: int) -> np.ndarray:
         return self.base.images([self.idx[i]])[0]
+
+
+class ConcatSet(ImageSet):
+    """Two (or more) ImageSets one after the other, at the first set's resolution (the others
+    are resampled with an anti-aliased Lanczos filter when their size differs)."""
+
+    def __init__(self, sets: Sequence[ImageSet], name: str | None = None):
+        self.sets = list(sets)
+        self.resolution = int(self.sets[0].resolution)
+        self.name = name or "+".join(str(getattr(s, "name", "")) for s in self.sets)
+        self.metas = [m for s in self.sets for m in s.metas]
+        self._where = [(k, i) for k, s in enumerate(self.sets) for i in range(len(s))]
+
+    def _load(self, i: int) -> np.ndarray:
+        k, j = self._where[i]
+        x = self.sets[k].images([j])[0]
+        if x.shape[0] != self.resolution:
+            from PIL import Image
+            x = np.clip(np.asarray(Image.fromarray(np.asarray(x, np.float32), mode="F").resize(
+                (self.resolution, self.resolution), Image.LANCZOS), np.float32), 0.0, 1.0)
+        return x
