@@ -39,6 +39,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     step boundary (``preempted`` is then set in the result). ``devices`` (default: all)
     is what the mesh spans.
     """
+    if cfg.get("task", "mmdit") == "autoencoder":   # the latent autoencoder's own loop
+        from cxr_rf.autoencoder import train as ae_train
+        return ae_train.run(cfg, workdir, stop_at=stop_at, devices=devices)
     from cxr_rf import sample  # sample imports model/flow only; kept local to keep CLI start fast
     t = cfg.train
     workdir = epath.Path(workdir)
