@@ -206,7 +206,7 @@ def blocks(m: dict, out: str) -> list[Block]:
             for space, r in pv.get(key, {}).get("spaces", {}).items():
                 cr = r["copy_rate"]
                 rows.append([label, space, _n(r["threshold"], 4),
-                             f"{_n(cr['rate'])} [{_n(cr['lo'])}, {_n(cr['hi'])}]",
+                             f"{cr['rate']:.3f} [{cr['lo']:.3f}, {cr['hi']:.3f}]",
                              _n(r["auroc"], 2), _n(r["samples_nearest"]["median"], 4),
                              _n(r["heldout_nearest"]["median"], 4),
                              "-" if not r.get("prompt") else _n(r["prompt"]["median"], 4),
