@@ -221,7 +221,7 @@ def section_fidelity(ctx: Context) -> dict:
         if name == "pixels":
             continue                      # a distance space for privacy, not a fidelity space
         r = fidelity.fidelity(real, fake, ex, batch_size=FLAGS.batch_size, n_boot=FLAGS.bootstrap,
-                              workdir=ctx.out, seed=FLAGS.seed)
+                              workdir=ctx.out, seed=FLAGS.seed, backend=_distance_backend())
         o = r["overall"]
         print(f"fidelity [{name}, {ex.protocol}]: FD {o['fd']:.4g} [{o['fd_ci95'][0]:.4g}, "
               f"{o['fd_ci95'][1]:.4g}], KD {o['kd']['mean']:.4g}, precision "
@@ -230,6 +230,13 @@ def section_fidelity(ctx: Context) -> dict:
               f"({r['n_real']} real, {r['n_fake']} generated)")
         result[name] = r
     return _write(ctx.dir("fidelity"), "fidelity.json", result)
+
+
+def _distance_backend() -> str:
+    """PRDC's distance tiles: on every local device when there are several (accelerators),
+    else numpy in float64 (one CPU device: exact radii, no transfer)."""
+    import jax
+    return "jax" if jax.local_device_count() > 1 else "numpy"
 
 
 def section_privacy(ctx: Context) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from cxr_rf import conditioning as cond
 from cxr_rf import errors, metrics
-from cxr_rf.data import phantom
+from cxr_rf.evaluation import sets as eval_sets
 from cxr_rf.evaluation.sets import ArraySet
 from cxr_rf.features import classifier as C
 
@@ -22,11 +22,7 @@ U, P, N, Q, S = cond.UNMENTIONED, cond.POSITIVE, cond.NEGATIVE, cond.UNCERTAIN, 
 
 
 def phantom_set(seed: int, num: int, resolution: int, name: str) -> ArraySet:
-    studies = [phantom.generate(seed, i, resolution) for i in range(num)]
-    images = np.stack([s.image for s in studies]).astype(np.float32) / 65535.0
-    metas = [{"findings": s.findings, "sex": s.sex, "age": s.age, "race": s.race, "view": s.view,
-              "source": "phantom", "patient_id": s.patient_id} for s in studies]
-    return ArraySet(images, metas, name=name)
+    return eval_sets.phantoms(seed, num, resolution, name)
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +147,10 @@ def test_train_cli_on_a_converted_dataset(phantom_data, tmp_path):
 
 _SHARDED = r"""
 import numpy as np, jax
-from cxr_rf.data import phantom
-from cxr_rf.evaluation.sets import ArraySet
+from cxr_rf.evaluation import sets as eval_sets
 from cxr_rf.features import classifier as C
 assert len(jax.devices()) == 8, jax.devices()
-st = [phantom.generate(0, i, 16) for i in range(32)]
-s = ArraySet(np.stack([t.image for t in st]).astype(np.float32) / 65535.0,
-             [{"findings": t.findings, "sex": t.sex, "age": t.age, "race": t.race,
-               "view": t.view, "source": "phantom", "patient_id": ""} for t in st])
+s = eval_sets.phantoms(0, 32, 16)
 x = s.images(range(12))
 kw = dict(out_dir=None, steps=4, batch_size=16, seed=0, widths=(8, 16), groups=4, progress=False)
 one = C.train(s, devices=jax.devices()[:1], **kw)

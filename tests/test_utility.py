@@ -7,8 +7,8 @@ import pytest
 
 from cxr_rf import conditioning as cond
 from cxr_rf import errors
-from cxr_rf.data import phantom
 from cxr_rf.evaluation import utility as U
+from cxr_rf.evaluation import sets as eval_sets
 from cxr_rf.evaluation.sets import ArraySet
 
 RECIPE = dict(steps=4, batch_size=16, seed=0, widths=(8, 16), n_boot=50, min_group=5,
@@ -16,11 +16,7 @@ RECIPE = dict(steps=4, batch_size=16, seed=0, widths=(8, 16), n_boot=50, min_gro
 
 
 def phantom_set(seed: int, num: int, resolution: int, name: str) -> ArraySet:
-    studies = [phantom.generate(seed, i, resolution) for i in range(num)]
-    images = np.stack([s.image for s in studies]).astype(np.float32) / 65535.0
-    metas = [{"findings": s.findings, "sex": s.sex, "age": s.age, "race": s.race, "view": s.view,
-              "source": "phantom", "patient_id": s.patient_id} for s in studies]
-    return ArraySet(images, metas, name=name)
+    return eval_sets.phantoms(seed, num, resolution, name)
 
 
 @pytest.fixture(scope="module")

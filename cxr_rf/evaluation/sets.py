@@ -291,3 +291,15 @@ class ConcatSet(ImageSet):
             x = np.clip(np.asarray(Image.fromarray(np.asarray(x, np.float32), mode="F").resize(
                 (self.resolution, self.resolution), Image.LANCZOS), np.float32), 0.0, 1.0)
         return x
+
+
+def phantoms(seed: int, num: int, resolution: int, name: str | None = None, **overrides) -> ArraySet:
+    """``num`` phantom studies (``phantom.generate(seed, i, resolution, **overrides)``) as an
+    ArraySet with their ground-truth metadata: real images with known labels, without a
+    conversion (tests, controls)."""
+    from cxr_rf.data import phantom
+    studies = [phantom.generate(seed, i, resolution, **overrides) for i in range(num)]
+    images = np.stack([to_unit(s.image) for s in studies])
+    metas = [{"findings": s.findings, "sex": s.sex, "age": s.age, "race": s.race, "view": s.view,
+              "source": "phantom", "patient_id": s.patient_id} for s in studies]
+    return ArraySet(images, metas, name=name or f"phantoms_{seed}_{num}_{resolution}")
