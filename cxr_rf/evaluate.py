@@ -37,7 +37,8 @@ from etils import epath
 
 from cxr_rf import cli, errors, outputs
 
-COMMANDS = ("all", "control", "conditional", "fidelity", "privacy", "utility", "train-classifier")
+COMMANDS = ("all", "control", "conditional", "fidelity", "privacy", "utility", "train-classifier",
+            "reconstruction")
 RUN_COMMANDS = ("control", "conditional", "privacy", "utility")   # need --workdir
 
 FLAGS = flags.FLAGS
@@ -354,8 +355,12 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 64, "Images per feature-extraction batch.")
     flags.DEFINE_integer("sample_batch_size", 16, "Images per sampling batch.")
     flags.DEFINE_string("data", None, "train-classifier: converted dataset to train on.")
+    flags.DEFINE_string("autoencoder", None, "reconstruction: an autoencoder run directory.")
+    flags.DEFINE_integer("resolution", None, "reconstruction: phantom resolution (default: the "
+                         "autoencoder run's).")
     flags.DEFINE_integer("classifier_steps", 600, "Training steps of each classifier.")
-    flags.DEFINE_integer("num", 48, "control/conditional: seeds (images) per group.")
+    flags.DEFINE_integer("num", 48, "control/conditional: seeds (images) per group; "
+                         "reconstruction: phantoms.")
     flags.DEFINE_integer("steps", None, "ODE steps (default: the run's sample.steps).")
     flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the run's "
                        "sample.cfg).")
@@ -371,9 +376,41 @@ def _define_flags() -> None:
     for name, lo in (("step", 0), ("num", 2), ("steps", 1), ("cfg", 0), ("reference_num", 2),
                      ("train_num", 2), ("privacy_prompts", 2), ("privacy_seeds", 1),
                      ("utility_num", 2), ("bootstrap", 0), ("batch_size", 1),
-                     ("sample_batch_size", 1), ("classifier_steps", 1)):
+                     ("sample_batch_size", 1), ("classifier_steps", 1), ("resolution", 8)):
         cli.check_number(name, lo)
     cli.check_number("seed", 0, 2**32, hi_open=True)
+
+
+def _reconstruction() -> None:
+    """``evaluate reconstruction --autoencoder RUN``: the autoencoder on held-out phantoms."""
+    cli.require("autoencoder")
+    cli.input_dir(FLAGS.autoencoder, "--autoencoder")
+    out = epath.Path(FLAGS.out or epath.Path(FLAGS.autoencoder) / "eval" / "reconstruction")
+    cli.output_dir(str(out), "--out")
+    from cxr_rf import features
+    from cxr_rf.autoencoder import train as ae_train
+    from cxr_rf.evaluation import reconstruction as rec
+    ae_cfg, variables = ae_train.load_autoencoder(FLAGS.autoencoder, FLAGS.step)
+    resolution = FLAGS.resolution or int(ae_train.read_config(FLAGS.autoencoder).data.resolution)
+    extractor = None
+    if FLAGS.raddino:
+        extractor = features.get("raddino", FLAGS.raddino, protocol=FLAGS.protocol)
+    elif FLAGS.classifier:
+        extractor = features.get("cxr_classifier", FLAGS.classifier, protocol=FLAGS.protocol)
+    codec = rec.Codec(ae_cfg, variables, FLAGS.batch_size, resolution)
+    result, (x, r) = rec.reconstruction(codec, resolution, num=FLAGS.num, seed=FLAGS.seed + 4321,
+                                        extractor=extractor, return_images=True)
+    result = {"autoencoder": str(FLAGS.autoencoder), **result}
+    md = rec.table(result)
+    _write(out, "reconstruction.json", result)
+    (out / "reconstruction.md").write_text(md)
+    k = min(8, len(x))
+    tiles = [t * 2 - 1 for pair in zip(x[:k], r[:k]) for t in pair]
+    with (out / "reconstruction.png").open("wb") as f:
+        outputs.grid(tiles, [l for i in range(k) for l in (f"original {i}", f"reconstruction {i}")],
+                     cols=4).save(f, format="PNG")
+    print(md)
+    print(f"wrote reconstruction.json, reconstruction.md and reconstruction.png to {out}")
 
 
 def _usage() -> str:
@@ -399,6 +436,8 @@ def main(argv):
         classifier.train_cli(FLAGS.data, FLAGS.out, steps=FLAGS.classifier_steps, seed=FLAGS.seed)
         print(f"wrote the classifier to {FLAGS.out}")
         return
+    if command == "reconstruction":
+        return _reconstruction()
     if FLAGS.samples and FLAGS.workdir:
         raise errors.UserError("pass --workdir (sample the run) or --samples (a folder), not both")
     if command in RUN_COMMANDS or (command == "fidelity" and not FLAGS.samples):

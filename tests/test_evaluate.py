@@ -312,5 +312,5 @@ def test_module_entry_point_fails_in_one_line(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("error: unknown evaluation 'fid'; allowed: all, control, conditional, "
-                        "fidelity, privacy, utility, train-classifier\n")
+                        "fidelity, privacy, utility, train-classifier, reconstruction\n")
     assert r.stdout == "" and not any(tmp_path.iterdir())
