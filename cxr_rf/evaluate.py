@@ -9,6 +9,8 @@ Sections (``cxr_rf.evaluation``), each a folder of results under ``--out``:
 
     control       phantom runs: the analytic measurement (CTR, blunting...) of samples asked
                   for a finding vs its absence; AUROC vs real phantoms (``control.py``)
+    edits         phantom runs: counterfactual edits (``cxr_rf.edit``) against the true
+                  counterfactual phantom: effectiveness, identity, reversibility, composition
     conditional   the same matched pairs read by the classifier, every finding (``conditional.py``)
     fidelity      FD / KD / PRDC of samples generated for the reference split's metadata (or
                   ``--samples DIR``) per feature space, overall, per finding and per subgroup
@@ -37,9 +39,9 @@ from etils import epath
 
 from cxr_rf import cli, errors, outputs
 
-COMMANDS = ("all", "control", "conditional", "fidelity", "privacy", "utility", "train-classifier",
-            "reconstruction")
-RUN_COMMANDS = ("control", "conditional", "privacy", "utility")   # need --workdir
+COMMANDS = ("all", "control", "conditional", "fidelity", "privacy", "utility", "edits",
+            "train-classifier", "reconstruction")
+RUN_COMMANDS = ("control", "conditional", "privacy", "utility", "edits")   # need --workdir
 
 FLAGS = flags.FLAGS
 
@@ -291,8 +293,26 @@ def section_utility(ctx: Context) -> dict:
     return _write(ctx.dir("utility"), "utility.json", result)
 
 
-SECTIONS = {"control": section_control, "conditional": section_conditional,
-            "fidelity": section_fidelity, "privacy": section_privacy, "utility": section_utility}
+def section_edits(ctx: Context) -> dict:
+    """Counterfactual edits of phantoms measured against the true counterfactual phantom."""
+    from cxr_rf.evaluation import edits
+    cfg, sampler, params, step, guidance, _ = ctx.run
+    result, images = edits.edits(cfg, sampler, params, num=FLAGS.num, seed=FLAGS.seed,
+                                 steps=FLAGS.steps, guidance=guidance, return_images=True)
+    result = {"checkpoint_step": step, **result}
+    out = ctx.dir("edits")
+    md = edits.table(result)
+    _write(out, "edits.json", result)
+    (out / "edits.md").write_text(md)
+    with (out / "edits.png").open("wb") as f:
+        edits.contact_sheet(images, result).save(f, format="PNG")
+    print(md)
+    return result
+
+
+SECTIONS = {"control": section_control, "edits": section_edits,
+            "conditional": section_conditional, "fidelity": section_fidelity,
+            "privacy": section_privacy, "utility": section_utility}
 
 
 def run_all(ctx: Context) -> dict:
@@ -304,8 +324,9 @@ def run_all(ctx: Context) -> dict:
     names = list(SECTIONS) if ctx.workdir else ["fidelity"]
     if ctx.workdir:
         metrics["checkpoint_step"] = ctx.run[3]
-        if not _is_phantom(ctx):
+        if not _is_phantom(ctx):            # the analytic measurements need phantoms
             names.remove("control")
+            names.remove("edits")
     for name in names:
         t = time.perf_counter()
         print(f"== {name}")

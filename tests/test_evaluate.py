@@ -219,7 +219,8 @@ def test_all_writes_every_section_metrics_and_a_report(tiny_run, tmp_path, capsy
             "--classifier_steps=3", "--bootstrap=2", "--batch_size=4"]
     assert cli.call(evaluate, args) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["sections"]) == {"control", "conditional", "fidelity", "privacy", "utility"}
+    assert set(m["sections"]) == {"control", "edits", "conditional", "fidelity", "privacy",
+                                  "utility"}
     assert m["checkpoint_step"] == 2
     fid = m["sections"]["fidelity"]["cxr_classifier"]
     assert fid["n_real"] == fid["n_fake"] == 4 and fid["overall"]["fd"] >= 0
@@ -232,6 +233,7 @@ def test_all_writes_every_section_metrics_and_a_report(tiny_run, tmp_path, capsy
     assert len(list((out / "samples" / "utility").glob("*.png"))) == 6
     md = (out / "report.md").read_text()
     assert "## Utility" in md and "## Privacy" in md and "## Control" in md
+    assert "## Counterfactual edits" in md
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 5
     # A second run reuses the classifier, samples and features: same numbers.
@@ -312,5 +314,5 @@ def test_module_entry_point_fails_in_one_line(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("error: unknown evaluation 'fid'; allowed: all, control, conditional, "
-                        "fidelity, privacy, utility, train-classifier, reconstruction\n")
+                        "fidelity, privacy, utility, edits, train-classifier, reconstruction\n")
     assert r.stdout == "" and not any(tmp_path.iterdir())

@@ -144,6 +144,25 @@ def blocks(m: dict, out: str) -> list[Block]:
                   [[f, e["score"], _ci(e["samples"]), _ci(e.get("real"))]
                    for f, e in c["findings"].items()]))
 
+    if "edits" in s:
+        e = s["edits"]
+        b.append(("h2", "Counterfactual edits against the true counterfactual phantom"))
+        b.append(("p", "Effectiveness: AUROC of the finding's measurement, edited vs original, and "
+                       "its mean change (the true counterfactual's in brackets). Identity: PSNR "
+                       "(dB) to the true counterfactual of the edit / of the original / of a plain "
+                       "sample. Reversibility: edit and back, PSNR to the original. Composition: "
+                       "null edit, PSNR to the original."))
+        ms = lambda x: _n((x or {}).get("mean"), 1)   # noqa: E731
+        b.append(("table", ["method", "t0", "finding", "edit", "AUROC", "Δ score (truth)",
+                            "PSNR→truth edit", "original", "sample", "reversibility", "composition"],
+                  [[r["method"], f"{r['t0']:g}", r["finding"], r["direction"],
+                    _n(r["effectiveness"]["auroc"], 2),
+                    f"{_n(r['effectiveness']['mean_change']['mean'])} "
+                    f"({_n(r['effectiveness']['truth_mean_change']['mean'])})",
+                    ms(r["identity"]["psnr_edit_truth"]), ms(r["identity"]["psnr_original_truth"]),
+                    ms(r["identity"]["psnr_sample_truth"]), ms(r["reversibility"]["psnr"]),
+                    ms(r["composition"]["psnr"])] for r in e["rows"]]))
+
     if "conditional" in s:
         c = s["conditional"]
         b.append(("h2", "Conditional accuracy (classifier)"))
