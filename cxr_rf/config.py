@@ -37,6 +37,18 @@ def base() -> ml_collections.ConfigDict:
     # The condition-token layout the run trains on (conditioning.LAYOUT); checkpoints of
     # another layout are refused.
     d.token_layout = conditioning.LAYOUT
+    # Latent mode: train on latents cached by ``python -m cxr_rf.data.encode`` (batches hold the
+    # normalised latent [h, w, Z] instead of pixels) and decode samples with the autoencoder.
+    # d.resolution stays the PIXEL side (what samples, grids and evaluation are in); the model's
+    # grid is d.resolution // d.latent_factor, model.in_channels = Z (checked against the data).
+    d.latents = False
+    d.latent_factor = 0        # pixels per latent cell (autoencoder factor); 0 = from the data
+    # The autoencoder run (its workdir). With an empty d.dir the phantom set is converted and
+    # encoded with it into <workdir>/latents; otherwise filled in from the dataset's record.
+    d.autoencoder = ""
+    d.autoencoder_step = 0     # 0 = newest / the one the data records
+    d.autoencoder_fingerprint = ""   # filled from the data; sampling refuses another autoencoder
+    d.encode_batch = 32        # images per encoder batch when encoding the phantom set
 
     c.model = m = ml_collections.ConfigDict()
     m.patch = 4
@@ -185,6 +197,10 @@ def stages(cfg: ml_collections.ConfigDict) -> list[Stage]:
     if int(spec[-1][1]) != res:
         raise errors.UserError(f"train.stages: the last stage's resolution {spec[-1][1]} must equal "
                          f"data.resolution={res} (the resolution the model samples at)")
+    if cfg.data.get("latents", False) and any(int(s[1]) != res for s in spec):
+        raise errors.UserError(f"train.stages: a latent run (data.latents=True) trains at one "
+                               f"resolution, data.resolution={res}, the one its latents were "
+                               f"encoded at; got stage resolutions {[int(s[1]) for s in spec]}")
     ends = starts[1:] + [t.steps]
     return [Stage(i, a, e, int(s[1]), int(s[2]) if len(s) == 3 and s[2] else t.batch_size)
             for i, (s, a, e) in enumerate(zip(spec, starts, ends))]

@@ -18,6 +18,13 @@ taught the model as "any"; ``unknown`` is a value records carry. Unlisted findin
 most common state in the run's training data (its ``stats.json``), and a requested value that
 never occurs there is reported in one warning line.
 
+Latent runs (``data.latents``): the model samples normalised latents on its grid
+(``data.resolution // data.latent_factor``); the Sampler loads the run's autoencoder once
+(``data.autoencoder`` at ``data.autoencoder_step``, else the one the run's dataset records, and
+refuses one whose parameter fingerprint differs from ``data.autoencoder_fingerprint``),
+denormalises and decodes them in float32 to pixel images [N, R, R] clipped to [-1, 1], so
+everything downstream (PNGs, grids, evaluate) sees pixels as for a pixel-space run.
+
 Guidance (``Guidance``): ``--cfg`` is the overall scale; ``--guidance`` gives condition
 groups their own, e.g. findings 5 and demographics (sex, age, race) 2. The branches form a
 chain, unconditional first, each adding one set of groups (those at the overall scale
@@ -157,6 +164,69 @@ def _program(model: MMDiT, fs: flow.FlowSettings, steps: int, method: str,
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=None)
+def _decoder(ae_cfg):
+    """The jitted latent -> pixel decoder of one autoencoder config: denormalise, decode in
+    float32, clip to [-1, 1]."""
+    from cxr_rf.autoencoder.model import Autoencoder
+    model = Autoencoder(ae_cfg)
+
+    def run(variables, z_BhwZ):
+        z = model.apply(variables, z_BhwZ, method=Autoencoder.denormalize)
+        return jnp.clip(model.apply(variables, z, method=Autoencoder.decode), -1.0, 1.0)
+
+    return jax.jit(run)
+
+
+def _data_latent_info(cfg: ml_collections.ConfigDict) -> dict | None:
+    """The ``latent`` record of the run's (first) dataset when it can be found from the config
+    alone (``data.dir`` or ``data.mixture``), else None."""
+    from cxr_rf.data import schema
+    d = cfg.data
+    if d.get("mixture"):
+        first, root = str(d.mixture[0][0]), d.get("root", "")
+        path = first if not root or first.startswith("/") else str(epath.Path(root) / first)
+    elif d.get("dir"):
+        path = str(d.dir)
+    else:
+        return None
+    if "://" in path or not epath.Path(path).exists():
+        return None
+    return schema.latent_info(path)
+
+
+def latent_autoencoder(cfg: ml_collections.ConfigDict):
+    """(AEConfig, variables) of a latent run's autoencoder, checked against the run: its
+    fingerprint (when the run or its data records one), factor and channel count. Bad or
+    missing paths are one-line UserErrors."""
+    from cxr_rf.data import encode
+    d = cfg.data
+    run = str(d.get("autoencoder", "") or "")
+    step = int(d.get("autoencoder_step", 0) or 0)
+    fp = str(d.get("autoencoder_fingerprint", "") or "")
+    if not run or not fp:
+        info = _data_latent_info(cfg)
+        if info is not None:
+            ae = info["autoencoder"]
+            run, step, fp = run or ae["run"], step or int(ae["step"]), fp or ae["fingerprint"]
+    if not run:
+        raise errors.UserError("this latent run (data.latents=True) names no autoencoder to "
+                               "decode its samples: set data.autoencoder to the autoencoder run")
+    ae_cfg, variables, step, record = encode.load(run, step or None)
+    if fp and record["fingerprint"] != fp:
+        raise errors.UserError(f"the autoencoder {record['run']} (step {step}) is not the one "
+                               f"this run's latents were encoded with (fingerprint "
+                               f"{record['fingerprint'][:12]} != {fp[:12]}); point "
+                               "data.autoencoder at that run")
+    factor = int(d.get("latent_factor", 0) or 0)
+    if (factor and ae_cfg.factor != factor) or ae_cfg.packed_channels != int(cfg.model.in_channels):
+        raise errors.UserError(f"the autoencoder {record['run']} makes factor-{ae_cfg.factor}, "
+                               f"{ae_cfg.packed_channels}-channel latents, but the run has "
+                               f"data.latent_factor={factor}, model.in_channels="
+                               f"{cfg.model.in_channels}")
+    return ae_cfg, variables
+
+
 def _fits(nbytes: int, device) -> bool:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:      # the CPU reports no limit
@@ -180,11 +250,12 @@ class Sampler:
             raise errors.UserError(f"unknown shard mode {shard!r}; allowed: {', '.join(SHARD_MODES)}")
         self.cfg = cfg
         self.model = model or build_model(cfg)
-        self.resolution = cfg.data.resolution
+        self.resolution = cfg.data.resolution       # pixels: what generate returns
+        self.side = step_lib.grid_size(cfg)         # the model's side (latent grid or pixels)
         self.report_len = cfg.data.report_len
         self.fs = step_lib.flow_settings(cfg)   # the shift of the resolution it samples at
         devices = list(devices or jax.local_devices())
-        boxed = abstract_params(self.model, self.resolution)
+        boxed = abstract_params(self.model, self.side)
         nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nn.unbox(boxed)))
         if shard == "auto":
             shard = "replicated" if _fits(nbytes, devices[0]) else "fsdp"
@@ -204,6 +275,14 @@ class Sampler:
         self.batch_size = -(-size // n) * n                 # a multiple of the devices
         self._rows = NamedSharding(self.mesh, P(("data", "fsdp")))
         self._branch_rows = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+        self._ae = None
+        if cfg.data.get("latents", False):          # loaded once, replicated on the devices
+            ae_cfg, variables = latent_autoencoder(cfg)
+            if self.side * ae_cfg.factor != self.resolution:
+                raise errors.UserError(f"latent grid {self.side} x factor {ae_cfg.factor} != "
+                                       f"data.resolution={self.resolution}")
+            self._ae = (_decoder(ae_cfg),
+                        jax.device_put(variables, NamedSharding(self.mesh, P())))
 
     def restore(self, workdir: str | epath.Path, step: int | None = None):
         """(EMA parameters placed for this sampler, checkpoint step) of a run; only the EMA
@@ -215,7 +294,8 @@ class Sampler:
                  steps: int | None = None, cfg_scale: float | None = None,
                  guidance: Guidance | None = None, method: str | None = None,
                  progress: bool = False) -> np.ndarray:
-        """Images [N, R, R] in [-1, 1], one per (condition, seed) pair. Guidance is
+        """Images [N, R, R] in [-1, 1] (pixels; decoded for a latent run), one per (condition,
+        seed) pair. Guidance is
         ``guidance``, else ``cfg_scale`` (default: the run's ``sample.cfg``) with the run's
         per-group ``sample.guidance``."""
         if len(conditions) != len(seeds):
@@ -224,7 +304,7 @@ class Sampler:
             raise ValueError("pass guidance or cfg_scale, not both")
         s = self.cfg.sample
         guidance = guidance or Guidance.for_run(s, cfg_scale)
-        shape = (self.resolution, self.resolution, self.cfg.model.in_channels)
+        shape = (self.side, self.side, self.cfg.model.in_channels)
         program = _program(self.model, self.fs, int(steps or s.steps), method or s.method, shape)
         params = jax.device_put(params, self.param_shardings)
         tokens = np.stack([c.tokens(report_len=self.report_len) for c in conditions])
@@ -242,8 +322,11 @@ class Sampler:
             idx = np.minimum(np.arange(start, start + bs), n - 1)
             x = program(params, jax.device_put(seeds[idx], self._rows),
                         jax.device_put(branches[:, idx], self._branch_rows), scales)
+            if self._ae is not None:
+                x = self._ae[0](self._ae[1], x)             # latents -> pixels [B, R, R, 1]
             out.append(np.asarray(jax.device_get(x))[: min(bs, n - start), ..., 0])
-        return np.concatenate(out) if out else np.zeros((0,) + shape[:2], np.float32)
+        r = self.resolution
+        return np.concatenate(out) if out else np.zeros((0, r, r), np.float32)
 
     def grid(self, params, path: str | epath.Path, step: int | None = None) -> np.ndarray:
         """The labelled grid of DEMO_CONDITIONS (seed i for row i) written to ``path``."""

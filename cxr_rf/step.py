@@ -16,7 +16,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from cxr_rf import conditioning, flow, sharding
+from cxr_rf import conditioning, errors, flow, sharding
 from cxr_rf.model import build_model, init_params
 
 
@@ -83,24 +83,42 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Arra
 # Shapes of a run: the one definition of the state and of a batch (train, sample, aot, bench).
 # --------------------------------------------------------------------------------------------
 
+def grid_size(cfg: ml_collections.ConfigDict) -> int:
+    """The side of the model's input: ``data.resolution`` pixels, or in latent mode
+    (``data.latents``) the latent grid ``data.resolution // data.latent_factor``."""
+    d = cfg.data
+    if not d.get("latents", False):
+        return int(d.resolution)
+    f = int(d.get("latent_factor", 0) or 0)
+    if f < 1:
+        raise errors.UserError("data.latent_factor is not set: give the autoencoder's factor "
+                               "(pixels per latent cell) or let the trainer read it from the data")
+    if int(d.resolution) % f:
+        raise errors.UserError(f"data.resolution={d.resolution} is not a multiple of "
+                               f"data.latent_factor={f}")
+    return int(d.resolution) // f
+
+
 def dummy_batch(cfg: ml_collections.ConfigDict, batch_size: int | None = None) -> Batch:
     """ShapeDtypeStructs of a global training batch of ``cfg`` (``train.batch_size`` unless
-    given): ``image`` [B, R, R, C] float32 in [-1, 1], ``tokens`` [B, L] int32."""
+    given): ``image`` [B, R, R, C] float32 in [-1, 1] (R = ``grid_size``: the latent grid in
+    latent mode, C = model.in_channels), ``tokens`` [B, L] int32."""
     b = cfg.train.batch_size if batch_size is None else batch_size
-    r, c = cfg.data.resolution, cfg.model.in_channels
+    r, c = grid_size(cfg), cfg.model.in_channels
     return {"image": jax.ShapeDtypeStruct((b, r, r, c), jnp.float32),
             "tokens": jax.ShapeDtypeStruct((b, conditioning.num_tokens(cfg.data.report_len)),
                                            jnp.int32)}
 
 
 def flow_settings(cfg: ml_collections.ConfigDict) -> flow.FlowSettings:
-    """``cfg.flow`` with the automatic timestep shift resolved for ``data.resolution``."""
-    return flow.FlowSettings(**cfg.flow).at((cfg.data.resolution // cfg.model.patch) ** 2)
+    """``cfg.flow`` with the automatic timestep shift resolved for the model's token count at
+    ``data.resolution`` (its latent grid in latent mode)."""
+    return flow.FlowSettings(**cfg.flow).at((grid_size(cfg) // cfg.model.patch) ** 2)
 
 
 def init_fn(cfg: ml_collections.ConfigDict, model: nn.Module, tx):
     """rng -> a fresh TrainState with params still boxed with their logical axis names."""
-    return functools.partial(init_state, model, tx, resolution=cfg.data.resolution)
+    return functools.partial(init_state, model, tx, resolution=grid_size(cfg))
 
 
 def abstract_state(cfg: ml_collections.ConfigDict, shardings: Any = None) -> TrainState:

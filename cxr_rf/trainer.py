@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -45,9 +46,17 @@ def local_values(tree: Any) -> Any:
 # Data of a run.
 # --------------------------------------------------------------------------------------------
 
+def latent_mode(cfg: ml_collections.ConfigDict) -> bool:
+    """Does the run train on cached autoencoder latents (``data.latents``)?"""
+    return bool(cfg.data.get("latents", False))
+
+
 def data_dir(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-    """The dataset directory of a run: ``data.dir`` or <workdir>/data."""
-    return epath.Path(cfg.data.dir) if cfg.data.dir else workdir / "data"
+    """The dataset directory of a run: ``data.dir`` or <workdir>/data (<workdir>/latents, the
+    phantom set encoded from <workdir>/data, in latent mode)."""
+    if cfg.data.dir:
+        return epath.Path(cfg.data.dir)
+    return workdir / ("latents" if latent_mode(cfg) else "data")
 
 
 def _absolute(path: str) -> bool:
@@ -78,7 +87,10 @@ def data_sources(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> list[tu
 
 def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
     """The run's data: the ``data.mixture`` pairs, or one dataset directory, converting the
-    phantom dataset into the workdir on first use (process 0 writes)."""
+    phantom dataset into the workdir on first use (process 0 writes). In latent mode see
+    ``ensure_latents`` (which fills in ``cfg.data``'s autoencoder fields)."""
+    if latent_mode(cfg):
+        return ensure_latents(cfg, workdir)
     if cfg.data.mixture:
         return data_sources(cfg, workdir)
     if cfg.data.dir:
@@ -108,6 +120,111 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: epath.Path):
     return str(path)
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def ensure_latents(cfg: ml_collections.ConfigDict, workdir: epath.Path):
+    """The latent run's data (``data.latents=True``), checked against the config, which it
+    completes in place (so config.json records them): ``data.latent_factor`` (when 0),
+    ``data.autoencoder`` (absolute; when empty), ``data.autoencoder_step`` (when 0) and
+    ``data.autoencoder_fingerprint``, from the datasets' stats.json ``latent`` record.
+
+    With an empty ``data.dir`` and no mixture, the phantom set is converted into
+    <workdir>/data and encoded with ``data.autoencoder`` into <workdir>/latents on first use
+    (process 0; both resumable). One-line UserErrors: a pixel dataset, sources encoded by
+    different autoencoders, a latent channel count other than ``model.in_channels``, another
+    resolution or factor than the config's."""
+    from cxr_rf.data import encode
+    d = cfg.data
+    if d.mixture:
+        sources = data_sources(cfg, workdir)
+        for p, _ in sources:
+            schema.filesystem_path(p, "data.mixture")
+        paths = [p for p, _ in sources]
+        result: Any = sources
+    elif d.dir:
+        path = schema.filesystem_path(d.dir, "data.dir")
+        if not (epath.Path(path) / "dataset_info.json").exists():
+            raise errors.UserError(f"data.dir={d.dir} holds no latent dataset (expected "
+                                   "dataset_info.json; run python -m cxr_rf.data.encode)")
+        paths, result = [path], path
+    else:
+        if not d.autoencoder:
+            raise errors.UserError("data.latents=True with an empty data.dir needs "
+                                   "data.autoencoder (an autoencoder run) to encode the phantom "
+                                   "set, or data.dir set to a latent dataset "
+                                   "(python -m cxr_rf.data.encode)")
+        latents = data_dir(cfg, workdir)
+        if "://" in str(latents):
+            raise errors.UserError(f"workdir {workdir} is a URL: the phantom dataset cannot be "
+                                   "encoded into it; encode it to a filesystem path and set "
+                                   "data.dir")
+        if not (latents / "dataset_info.json").exists():
+            pixel_cfg = ml_collections.ConfigDict(cfg.to_dict())
+            pixel_cfg.data.latents = False
+            pixels = ensure_data(pixel_cfg, workdir)          # <workdir>/data
+            if jax.process_index() == 0:
+                logging.info("encoding %s with the autoencoder %s into %s", pixels,
+                             d.autoencoder, latents)
+                encode.encode(pixels, latents, d.autoencoder, step=d.autoencoder_step or None,
+                              batch_size=int(d.get("encode_batch", 32)))
+            _sync("cxr_rf_latents_ready")
+        paths, result = [str(latents)], str(latents)
+    infos = []
+    for p in paths:
+        info = schema.latent_info(p)
+        if info is None:
+            raise errors.UserError(f"{p} is a pixel dataset, but data.latents=True: encode it "
+                                   "with python -m cxr_rf.data.encode")
+        infos.append(info)
+    fps = {i["autoencoder"]["fingerprint"] for i in infos}
+    if len(fps) > 1:
+        raise errors.UserError(f"the datasets of data.mixture were encoded by different "
+                               f"autoencoders ({', '.join(i['autoencoder']['run'] for i in infos)})")
+    info = infos[0]
+    shapes = {tuple(i["shape"]) for i in infos}
+    if len(shapes) > 1:
+        raise errors.UserError(f"the datasets of data.mixture hold latents of different shapes "
+                               f"{sorted(shapes)}")
+    h, w, z = info["shape"]
+    if int(cfg.model.in_channels) != int(z):
+        raise errors.UserError(f"{paths[0]} holds {z}-channel latents, but "
+                               f"model.in_channels={cfg.model.in_channels}; set "
+                               f"--config.model.in_channels={z}")
+    if int(info["resolution"]) != int(d.resolution):
+        raise errors.UserError(f"{paths[0]} was encoded at {info['resolution']}px, but "
+                               f"data.resolution={d.resolution} (a latent run trains at the "
+                               "resolution its latents were encoded at)")
+    if d.latent_factor and int(d.latent_factor) != int(info["factor"]):
+        raise errors.UserError(f"{paths[0]} holds factor-{info['factor']} latents, but "
+                               f"data.latent_factor={d.latent_factor}")
+    ae = info["autoencoder"]
+    if d.autoencoder_fingerprint and d.autoencoder_fingerprint != ae["fingerprint"]:
+        raise errors.UserError(f"{paths[0]} was encoded by another autoencoder ({ae['run']} "
+                               f"step {ae['step']}) than data.autoencoder_fingerprint names")
+    d.latent_factor = int(info["factor"])
+    if not d.autoencoder:
+        d.autoencoder = ae["run"]
+    elif "://" not in str(d.autoencoder):
+        d.autoencoder = os.path.abspath(str(d.autoencoder))
+    if not d.autoencoder_step:
+        d.autoencoder_step = int(ae["step"])
+    d.autoencoder_fingerprint = ae["fingerprint"]
+    step_lib.grid_size(cfg)                                 # divisibility, in one line
+    return result
+
+
+def latent_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+    """(h, w, Z) of the run's latents, or None for a pixel run."""
+    if not latent_mode(cfg):
+        return None
+    g = step_lib.grid_size(cfg)
+    return (g, g, int(cfg.model.in_channels))
+
+
 def make_loader(cfg: ml_collections.ConfigDict, path, split: str, *, train: bool,
                 stage: int = 0):
     """The Grain loader of a split: shuffled with CFG dropout for training, fixed for eval.
@@ -117,7 +234,8 @@ def make_loader(cfg: ml_collections.ConfigDict, path, split: str, *, train: bool
         path, split, global_batch=cfg.train.batch_size, seed=cfg.seed + stage,
         resolution=d.resolution, report_len=d.report_len,
         cond_dropout=dict(d.cond_dropout) if train else None,
-        worker_count=d.worker_count if train else 0, prefetch=d.prefetch, shuffle=train)
+        worker_count=d.worker_count if train else 0, prefetch=d.prefetch, shuffle=train,
+        latent_shape=latent_shape(cfg))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@
 
 Batches: {"image": float32 [b, R, R, 1], "tokens": int32 [b, L], "findings": int8 [b, 14]}.
 
+Latent datasets (``python -m cxr_rf.data.encode``; ``make_loader(..., latent_shape=(h, w, Z))``)
+skip the PNG: "image" is the stored normalised latent as float32 [b, h, w, Z]; a pixel dataset
+given for a latent run, a latent one for a pixel run, or a latent of another shape is a
+one-line UserError.
+
 Checkpointing the position in the stream: ``it = iter(loader)`` is a
 ``grain.DatasetIterator``; ``it.get_state()`` (a dict) / ``it.set_state(state)`` capture and
 restore it exactly. Inside an Orbax CheckpointManager, save it beside the train state::
@@ -50,6 +55,49 @@ def open_source(data_dir: str, split: str):
     return builder.as_data_source(split)
 
 
+def to_model_range(image_u16: np.ndarray) -> np.ndarray:
+    """uint16 [H, W] -> float32 [H, W, 1] in [-1, 1]: what the models (MMDiT, autoencoder) see."""
+    x = image_u16.astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
+    return x[..., None]
+
+
+def check_kind(data_dir: str, latent_shape: tuple[int, int, int] | None) -> None:
+    """UserError (one line) unless ``data_dir`` holds pixels (``latent_shape`` None: a pixel
+    dataset, or a latent one that kept them) or latents of exactly ``latent_shape``."""
+    info = schema.latent_info(data_dir)
+    if latent_shape is None:
+        if info is not None and not info.get("pixels", True):
+            raise errors.UserError(f"{data_dir} is a latent dataset without pixels; set "
+                                   "data.latents=True to train on its latents")
+        return
+    if info is None:
+        raise errors.UserError(f"{data_dir} is a pixel dataset, but data.latents=True: encode it "
+                               "with python -m cxr_rf.data.encode and point data.dir there")
+    stored, want = tuple(info["shape"]), tuple(int(v) for v in latent_shape)
+    if stored[-1] != want[-1]:
+        raise errors.UserError(f"{data_dir} holds {stored[-1]}-channel latents, but "
+                               f"model.in_channels={want[-1]}")
+    if stored != want:
+        raise errors.UserError(f"{data_dir} holds latents of shape {list(stored)} "
+                               f"({info.get('resolution')}px / factor {info.get('factor')}), but "
+                               f"the run expects {list(want)} (data.resolution / "
+                               "data.latent_factor, model.in_channels)")
+
+
+class DecodeLatent(grain.transforms.Map):
+    """Stored latent example -> {"image": float32 [h, w, Z] (the latent), "tokens", "findings"}."""
+
+    def __init__(self, report_len: int = 0):
+        self.report_len = report_len
+
+    def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        ex = schema.from_example(element, decode=False)
+        tokens = cond.encode(ex["findings"], ex["sex"], ex["age"], ex["race"], ex["view"],
+                             ex["source"], ex["report"], self.report_len)
+        return {"image": np.asarray(ex[schema.LATENT], np.float32), "tokens": tokens,
+                "findings": ex["findings"]}
+
+
 class DecodeExample(grain.transforms.Map):
     """Stored example -> {"image": float32 [R, R, 1] in [-1, 1], "tokens", "findings"}."""
 
@@ -70,10 +118,9 @@ class DecodeExample(grain.transforms.Map):
             # band-limited image a conversion at that resolution approximates, not the aliasing
             # of point or bilinear sampling; a higher stage interpolates.
             image = imaging.fit_square(image, self.resolution, "crop")
-        x = image.astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
         tokens = cond.encode(ex["findings"], ex["sex"], ex["age"], ex["race"], ex["view"],
                              ex["source"], ex["report"], self.report_len)
-        return {"image": x[..., None], "tokens": tokens, "findings": ex["findings"]}
+        return {"image": to_model_range(image), "tokens": tokens, "findings": ex["findings"]}
 
 
 class CondDropout(grain.transforms.RandomMap):
@@ -132,7 +179,8 @@ def make_loader(data_dir: str | Sequence[tuple[str, float]], split: str, *, glob
                 cond_dropout: Mapping[str, float] | None = None, worker_count: int = 0,
                 prefetch: int = 2, shuffle: bool = True, num_epochs: int | None = None,
                 process_index: int | None = None, process_count: int | None = None,
-                drop_remainder: bool = True) -> grain.IterDataset:
+                drop_remainder: bool = True,
+                latent_shape: tuple[int, int, int] | None = None) -> grain.IterDataset:
     """A Grain dataset yielding this process's slice of each global batch; ``iter()`` it.
 
     ``data_dir`` is one converted dataset or a mixture ``[(dir, weight), ...]``: each source is
@@ -140,7 +188,9 @@ def make_loader(data_dir: str | Sequence[tuple[str, float]], split: str, *, glob
     weights. Every process sees a disjoint 1/process_count of each source, reshuffled every
     epoch with ``seed``; ``num_epochs=None`` repeats forever. The iterator's
     ``get_state``/``set_state`` (and Orbax via grain.checkpoint) resume it exactly.
-    ``process_index``/``process_count`` default to JAX's.
+    ``process_index``/``process_count`` default to JAX's. ``latent_shape`` (h, w, Z) reads
+    latent datasets (every source must be one of that shape; ``resolution`` is then the
+    pixel side they were encoded at, unused here).
     """
     if process_index is None or process_count is None:
         import jax  # only needed for the defaults; tests pass both explicitly
@@ -169,11 +219,14 @@ def make_loader(data_dir: str | Sequence[tuple[str, float]], split: str, *, glob
         # an argparse CLI, a notebook) would crash there, so settle for the flag defaults.
         absl_flags.FLAGS.mark_as_parsed()
 
+    for d, _ in mixture:
+        check_kind(d, latent_shape)
     parts = [_source_dataset(d, split, seed=int(seed) + i, shuffle=shuffle,
                              num_epochs=num_epochs, process_index=process_index,
                              process_count=process_count) for i, (d, _) in enumerate(mixture)]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in mixture])
-    ds = ds.map(DecodeExample(resolution, report_len))
+    ds = ds.map(DecodeExample(resolution, report_len) if latent_shape is None
+                else DecodeLatent(report_len))
     if any(p > 0 for p in probs.values()):
         ds = ds.random_map(CondDropout(probs), seed=int(seed))
     ds = ds.batch(global_batch // process_count, drop_remainder=drop_remainder)

@@ -127,6 +127,43 @@ def features() -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(spec)
 
 
+# Latent datasets (``python -m cxr_rf.data.encode``): the same fields plus the autoencoder's
+# normalised posterior mean of the image, a float tensor [h, w, Z] (h = w = resolution / factor,
+# Z packed latent channels), float16 by default; ``image_png`` is kept unless encoded with
+# --nokeep_pixels. What encoded it is recorded in the dataset's stats.json ("latent").
+LATENT = "latent"
+LATENT_DTYPES = ("float16", "float32")
+
+
+def latent_features(shape: tuple[int, int, int], dtype: str = "float16", *,
+                    pixels: bool = True) -> tfds.features.FeaturesDict:
+    """The TFDS feature spec of a latent dataset's example: ``features()`` plus ``latent``
+    (``shape`` [h, w, Z], ``dtype`` one of LATENT_DTYPES), without ``image_png`` unless
+    ``pixels``."""
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}; got {dtype!r}")
+    spec = dict(features())
+    if not pixels:
+        del spec["image_png"]
+    spec[LATENT] = tfds.features.Tensor(shape=tuple(int(v) for v in shape), dtype=np.dtype(dtype))
+    return tfds.features.FeaturesDict(spec)
+
+
+def latent_info(data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``latent`` section of a dataset's stats.json (what encoded it: autoencoder run,
+    step, config, fingerprint, latent shape and dtype), or None for a pixel dataset."""
+    import json
+    path = os.path.join(os.fspath(data_dir), "stats.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise errors.UserError(f"{path} is not readable JSON: {e}".replace("\n", " ")) from None
+    return doc.get(LATENT) if isinstance(doc, dict) else None
+
+
 def to_example(record: Record) -> dict[str, Any]:
     """The feature dict (as ``features()`` expects it) of one record."""
     ex: dict[str, Any] = {
@@ -138,6 +175,14 @@ def to_example(record: Record) -> dict[str, Any]:
     return ex
 
 
+def serialize(feats: tfds.features.FeaturesDict, example: Mapping[str, Any]) -> bytes:
+    """Deterministic serialized TFDS example of a feature dict (see ``to_bytes``)."""
+    from tensorflow_datasets.core import example_serializer
+    encoded = feats.encode_example(example)
+    proto = example_serializer.ExampleSerializer(feats.get_serialized_info()).get_tf_example(encoded)
+    return proto.SerializeToString(deterministic=True)
+
+
 def to_bytes(record: Record, feats: tfds.features.FeaturesDict | None = None) -> bytes:
     """Serialized TFDS example of one record (pass ``feats`` to skip rebuilding the spec).
 
@@ -146,20 +191,20 @@ def to_bytes(record: Record, feats: tfds.features.FeaturesDict | None = None) ->
     workers, machines converting shard ranges) would write the same record differently;
     here the map is serialized sorted, whatever the process.
     """
-    from tensorflow_datasets.core import example_serializer
-    feats = feats or features()
-    encoded = feats.encode_example(to_example(record))
-    proto = example_serializer.ExampleSerializer(feats.get_serialized_info()).get_tf_example(encoded)
-    return proto.SerializeToString(deterministic=True)
+    return serialize(feats or features(), to_example(record))
 
 
 def from_example(example: Mapping[str, Any], *, decode: bool = True) -> dict[str, Any]:
     """A deserialized example (e.g. from ``builder.as_data_source``) -> numpy fields.
 
     Text fields become ``str``. With ``decode`` the PNG becomes ``image`` (uint16 [H, W]);
-    otherwise ``image_png`` stays bytes.
+    otherwise ``image_png`` stays bytes. A latent record (``latent_features``) also gives
+    ``latent`` (its stored dtype); one written without pixels has no image (``decode`` is
+    then a one-line UserError).
     """
-    missing = [k for k in ("image_png", "findings", "age", *TEXT_FIELDS) if k not in example]
+    latent = LATENT in example
+    needed = ("findings", "age", *TEXT_FIELDS) + (() if latent else ("image_png",))
+    missing = [k for k in needed if k not in example]
     if missing:
         raise ValueError(f"example lacks fields {missing}; is this a cxr_rf dataset?")
     out: dict[str, Any] = {
@@ -169,6 +214,15 @@ def from_example(example: Mapping[str, Any], *, decode: bool = True) -> dict[str
     for name in TEXT_FIELDS:
         v = example[name]
         out[name] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    if latent:
+        out[LATENT] = np.asarray(example[LATENT])
+        if "image_png" not in example:
+            if decode:
+                raise errors.UserError("this latent dataset was encoded without its pixels "
+                                       "(python -m cxr_rf.data.encode --nokeep_pixels): read images "
+                                       "from the pixel dataset it was encoded from (stats.json "
+                                       "latent.input)")
+            return out
     if decode:
         out["image"] = imaging.decode_png(example["image_png"])
     else:
