@@ -80,6 +80,15 @@ def train_flops_factor(remat: str) -> float:
     return 4.0 if remat in ("full", "save_attn") else 3.0
 
 
+def model_side(cfg: ml_collections.ConfigDict, resolution: int) -> int:
+    """The side of the model's input for a stage at ``resolution`` pixels: the pixels, or
+    for a latent run (``data.latents``) the latent grid (``step.grid_size``)."""
+    from cxr_rf import step as step_lib
+    c = cfg.copy_and_resolve_references()
+    c.data.resolution = int(resolution)
+    return step_lib.grid_size(c)
+
+
 def model_flops_per_image(cfg: ml_collections.ConfigDict, resolution: int) -> float:
     """Model FLOPs of one training image (3× the analytic forward; what MFU is measured on)."""
     from cxr_rf.model import ModelConfig, flops_per_image
@@ -112,7 +121,7 @@ def run_cost(cfg: ml_collections.ConfigDict, chips: int, peak_per_chip: float,
     rows = []
     for st in config_lib.stages(cfg):
         steps = st.end - st.start
-        flops = model_flops_per_image(cfg, st.resolution) * st.batch_size
+        flops = model_flops_per_image(cfg, model_side(cfg, st.resolution)) * st.batch_size
         dt = step_seconds(flops, chips, peak_per_chip, mfu)
         rows.append({"stage": st.index, "resolution": st.resolution, "batch_size": st.batch_size,
                      "steps": steps, "step_s": dt, "hours": steps * dt / 3600,
@@ -672,8 +681,9 @@ def _project(out: dict, run_cfg, scfg, topo: Topology, peak: float, mfu: float,
     to ``out``."""
     b, r, micro = scfg.train.batch_size, scfg.data.resolution, int(scfg.train.microbatches)
     factor = train_flops_factor(str(scfg.model.remat))
-    fwd = model_flops_per_image(scfg, r) / 3.0
-    counted = factor * xla_counted_forward(scfg, r) * (b / micro) / topo.chips
+    side = model_side(scfg, r)                  # latent runs: the latent grid, not the pixels
+    fwd = model_flops_per_image(scfg, side) / 3.0
+    counted = factor * xla_counted_forward(scfg, side) * (b / micro) / topo.chips
     out.update(
         analytic_flops_per_step_per_chip=factor * fwd * b / topo.chips,
         analytic_flops_as_xla_counts_per_chip=counted,

@@ -85,7 +85,7 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
     from cxr_rf.trainer import Trainer
     trainer = Trainer(cfg)
     state = trainer.init_state()
-    b, r = cfg.train.batch_size, cfg.data.resolution
+    b = cfg.train.batch_size
     shapes = step_lib.dummy_batch(cfg)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
@@ -100,7 +100,7 @@ def bench_train(cfg, steps: int, warmup: int) -> dict:
     jax.block_until_ready(state)
     dt = (time.perf_counter() - t0) / steps
     # Training = forward + backward ≈ 3× the forward matmul FLOPs (no remat recompute counted).
-    fpi = 3 * flops_per_image(ModelConfig.from_config(cfg), r)
+    fpi = 3 * flops_per_image(ModelConfig.from_config(cfg), step_lib.grid_size(cfg))
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     n = trainer.mesh.size
     peak_dev, peak_src = device_peak(dtype)

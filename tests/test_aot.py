@@ -544,3 +544,14 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-1000:]
     assert "Traceback" not in r.stderr
+
+
+def test_latent_runs_are_costed_on_their_latent_grid():
+    """A latent experiment's FLOPs are those of its latent grid (512 px / 16 = 32²), not of
+    its pixels: the model side and run_cost agree with the formula at 32."""
+    cfg = runpy.run_path(os.path.join(ROOT, "experiments", "cxr_b_latent.py"))["get_config"]()
+    assert aot.model_side(cfg, 512) == 32
+    cost = aot.run_cost(cfg, chips=64, peak_per_chip=1e15, mfu=0.5)
+    st = cost["stages"][-1]
+    want = aot.model_flops_per_image(cfg, 32) * st["batch_size"] / (64 * 1e15 * 0.5)
+    assert st["step_s"] == pytest.approx(want)
