@@ -219,3 +219,32 @@ def for_stage(cfg: ml_collections.ConfigDict, stage: Stage) -> ml_collections.Co
     c.train.batch_size = stage.batch_size
     c.train.stages = ()
     return c
+
+
+TASKS = {"mmdit": "MMDiT", "autoencoder": "autoencoder"}
+
+
+def read_run(workdir, task: str = "mmdit") -> ml_collections.ConfigDict:
+    """The saved config of a trained run of ``task``; one-line UserError when ``workdir`` is
+    missing, not a run (no readable config.json), a run of another task, or has no
+    checkpoint yet. What ``sample``, ``evaluate``, ``edit`` and the latent encoder read first."""
+    import json
+    from etils import epath
+    workdir = epath.Path(workdir)
+    if not workdir.exists():
+        raise errors.UserError(f"workdir {workdir} does not exist")
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        raise errors.UserError(f"{workdir} is not a cxr_rf run (no config.json); train first")
+    try:
+        cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    except ValueError as e:
+        raise errors.UserError(f"{cfg_path} is not readable JSON: {e}".replace("\n", " ")) from None
+    have = cfg.get("task", "mmdit")
+    if have != task:
+        raise errors.UserError(f"{workdir} is a {have} run, not an {TASKS[task]} run "
+                               f"(its config.json has task={have!r})")
+    ckpts = workdir / "checkpoints"
+    if not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise errors.UserError(f"{workdir} has no {TASKS[task]} checkpoints yet; train first")
+    return cfg

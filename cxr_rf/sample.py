@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
 from typing import Sequence
@@ -52,6 +51,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cxr_rf import checkpoint, cli, conditioning, errors, flow, outputs, sharding
+from cxr_rf import config as config_lib
 from cxr_rf import step as step_lib
 from cxr_rf.conditioning import Conditions
 from cxr_rf.data import stats as data_stats
@@ -344,17 +344,8 @@ class Sampler:
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
     """The config of a run directory, refused (one line) unless this code can sample it."""
-    workdir = epath.Path(workdir)
-    if not workdir.exists():
-        raise errors.UserError(f"workdir {workdir} does not exist")
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise errors.UserError(f"{workdir} is not a cxr_rf run (no config.json); train first")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    cfg = config_lib.read_run(workdir, "mmdit")
     conditioning.check_layout(cfg, str(workdir))
-    ckpt_dir = workdir / "checkpoints"
-    if not ckpt_dir.exists() or not any(ckpt_dir.iterdir()):
-        raise errors.UserError(f"{workdir} has no checkpoints yet; train first")
     return cfg
 
 

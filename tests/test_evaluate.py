@@ -263,7 +263,7 @@ BAD = [
     (["control", "--workdir=nowhere"], "--workdir nowhere does not exist"),
     (["control", "--workdir={file}"], "--workdir afile is not a directory"),
     (["control", "--workdir={empty}"], "no config.json"),
-    (["control", "--workdir={nockpt}"], "has no checkpoints yet"),
+    (["control", "--workdir={nockpt}"], "has no MMDiT checkpoints yet"),
     (["control", "--workdir={run}", "--num=1"], "--num=1: must be an integer >= 2"),
     (["control", "--workdir={run}", "--steps=0"], "--steps=0: must be an integer >= 1"),
     (["control", "--workdir={run}", "--cfg=nan"], "--cfg=nan: must be a finite number >= 0"),

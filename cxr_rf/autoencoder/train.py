@@ -228,25 +228,7 @@ def recon_grid(trainer: step_lib.AETrainer, params, cfg, path, out: epath.Path) 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
     """The config of an autoencoder run directory; one-line UserError for anything else."""
-    workdir = epath.Path(workdir)
-    if not workdir.exists():
-        raise errors.UserError(f"autoencoder run {workdir} does not exist")
-    cfg_path = workdir / "config.json"
-    if not cfg_path.exists():
-        raise errors.UserError(f"{workdir} is not a cxr_rf run (no config.json); train an "
-                               f"autoencoder there first (experiments/ae_smoke.py)")
-    try:
-        cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
-    except ValueError as e:
-        raise errors.UserError(f"{cfg_path} is not readable JSON: {e}".replace("\n", " ")) from None
-    task = cfg.get("task", "mmdit")
-    if task != step_lib.TASK:
-        raise errors.UserError(f"{workdir} is a {task} run, not an autoencoder run "
-                               f"(its config.json has task={task!r})")
-    ckpts = workdir / "checkpoints"
-    if not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir()):
-        raise errors.UserError(f"{workdir} has no autoencoder checkpoints yet; train first")
-    return cfg
+    return config_lib.read_run(workdir, step_lib.TASK)
 
 
 def load_autoencoder(workdir: str | epath.Path, step: int | None = None
