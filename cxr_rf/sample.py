@@ -8,7 +8,8 @@
 Restores only the EMA parameters of the run's checkpoint, replicated on every local device,
 or sharded over them (FSDP) when they do not fit one, and samples ``--num`` images in batches
 of ``--batch_size`` split over the local devices (one compiled program whatever ``--num``).
-Writes one PNG per image, grid.png and manifest.jsonl. Image i uses noise from
+Writes one image per sample (``--format png8|png16|dicom``, ``cxr_rf.export``: marked synthetic,
+the conditions inside), grid.png and manifest.jsonl. Image i uses noise from
 PRNGKey(seed + i), so the same arguments give the same pixels and an image does not depend
 on how many others were asked for or on the batch it landed in.
 
@@ -400,7 +401,9 @@ def _define_flags() -> None:
                          "sample.batch_size), rounded up to a multiple of the local devices.")
     flags.DEFINE_enum("shard", "auto", list(SHARD_MODES), "Parameter placement over the local "
                       "devices: replicated, fsdp (sharded), or auto (replicated if they fit).")
-    flags.DEFINE_enum("bits", "8", ["8", "16"], "PNG bit depth of single images.")
+    flags.DEFINE_enum("format", "png8", ["png8", "png16", "dicom"], "Single images as 8- or "
+                      "16-bit PNGs (conditions in a text chunk) or DICOM Secondary Capture marked "
+                      "synthetic (cxr_rf/export.py).")
     flags.DEFINE_string("out", None, "Output directory.")
     cli.check_number("step", 0)
     cli.check_number("num", 1)
@@ -452,13 +455,17 @@ def main(argv):
                               guidance=guidance, method=method, progress=True)
     out = epath.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
+    from cxr_rf import export
     rows = []
+    study = export.new_study() if FLAGS.format == "dicom" else None
     for i, (seed, img) in enumerate(zip(seeds, images)):
-        name = f"{i:04d}.png"
-        outputs.write_png(out / name, img, bits=int(FLAGS.bits))
-        rows.append({"file": name, "seed": seed, "steps": steps, "method": method,
-                     **guidance.describe(), "checkpoint_step": step,
-                     "workdir": str(FLAGS.workdir), "conditions": cond.describe()})
+        settings = {"seed": seed, "steps": steps, "method": method, **guidance.describe(),
+                    "checkpoint_step": step}
+        path = export.write(out / f"{i:04d}", img, cond, fmt=FLAGS.format,
+                            generator={"workdir": str(FLAGS.workdir), **settings},
+                            study=None if study is None else {**study, "instance": i + 1})
+        rows.append({"file": path.name, **settings, "workdir": str(FLAGS.workdir),
+                     "conditions": cond.describe()})
     with (out / "grid.png").open("wb") as f:
         outputs.grid(list(images), [f"seed {s}: {cond.label()}" for s in seeds]).save(f, format="PNG")
     outputs.write_manifest(out / "manifest.jsonl", rows)

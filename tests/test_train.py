@@ -86,17 +86,25 @@ def test_cli_train_resume_sample(tmp_path):
     out = tmp_path / "samples"
     args = ["cxr_rf.sample", f"--workdir={wd}", "--num=2", "--findings=Cardiomegaly,Pleural Effusion",
             "--sex=F", "--age=70", "--view=PA", "--steps=3", "--cfg=4.0", "--seed=0"]
-    _cli(*args, f"--out={out}")
+    _cli(*args, f"--out={out}", "--format=png16")
     rows = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 1] and rows[0]["checkpoint_step"] == 4
     assert rows[0]["conditions"]["findings"]["Cardiomegaly"] == "positive"
     assert (out / "grid.png").exists()
-    _cli(*args, f"--out={tmp_path / 'again'}")      # same arguments -> identical pixels
-    from PIL import Image
-    for name in ("0000.png", "0001.png"):
-        a = np.asarray(Image.open(out / name))
-        b = np.asarray(Image.open(tmp_path / "again" / name))
+    # Same arguments -> identical pixels, here as synthetic DICOMs; the evaluation reads both.
+    _cli(*args, f"--out={tmp_path / 'again'}", "--format=dicom")
+    import pydicom
+    from cxr_rf import export
+    from cxr_rf.evaluation import sets
+    for i in range(2):
+        a = sets.FolderSet(out).images([i])[0]
+        b = sets.FolderSet(tmp_path / "again").images([i])[0]
         np.testing.assert_array_equal(a, b)
+        ds = pydicom.dcmread(tmp_path / "again" / f"000{i}.dcm")
+        assert ds.ConversionType == "SYN" and "SYNTHETIC" in ds.ImageComments
+        assert ds.PatientSex == "F" and ds.PatientAge == "070Y" and ds.ViewPosition == "PA"
+        meta = export.read_png_metadata(out / f"000{i}.png")
+        assert meta["conditions"]["findings"]["Pleural Effusion"] == "positive"
     assert a.std() > 0
 
 

@@ -146,7 +146,7 @@ class ReferenceSet(ImageSet):
 
 class FolderSet(ImageSet):
     """Generated images: ``manifest.jsonl`` rows with "file" and "conditions"
-    (``Conditions.describe()``); 8- or 16-bit grayscale PNGs of one square size."""
+    (``Conditions.describe()``); 8- or 16-bit grayscale PNGs (or DICOMs) of one square size."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
@@ -177,7 +177,7 @@ class FolderSet(ImageSet):
 
     def _load(self, i: int) -> np.ndarray:
         try:
-            image = imaging.read_raster(self.files[i])
+            image = imaging.read(self.files[i])           # PNG, JPEG or (synthetic) DICOM
         except errors.UserError as e:   # ImageError: one line naming the file
             raise errors.UserError(f"{self.files[i]}: {e}") from None
         if image.shape[0] != image.shape[1] or (hasattr(self, "resolution")
