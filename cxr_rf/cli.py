@@ -55,11 +55,30 @@ class _NoLibtpuNotice(logging.Filter):
 _LIBTPU_FILTER = _NoLibtpuNotice()
 
 
+class _NoOrbaxLeftoverTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's own tasks. When a
+    restore fails (a missing or corrupted array), Orbax checks every array's files in
+    concurrent tasks, raises the first failure (which the command reports in one line) and
+    leaves the others' exceptions unretrieved: asyncio logs each, with its traceback, when the
+    task is collected (how many depends on timing). They repeat the reported error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved")
+                    and "orbax" in message)
+
+
+_ORBAX_TASKS_FILTER = _NoOrbaxLeftoverTasks()
+
+
 def quiet_logs() -> None:
     """Keep the console for the command's own messages (idempotent)."""
     xla_bridge = logging.getLogger("jax._src.xla_bridge")
     if _LIBTPU_FILTER not in xla_bridge.filters:
         xla_bridge.addFilter(_LIBTPU_FILTER)
+    aio = logging.getLogger("asyncio")
+    if _ORBAX_TASKS_FILTER not in aio.filters:
+        aio.addFilter(_ORBAX_TASKS_FILTER)
     # Orbax and Grain log through absl at INFO on every save/restore.
     logging.getLogger("absl").setLevel(logging.WARNING)
 

@@ -303,3 +303,29 @@ def test_cpu_logs_have_no_libtpu_notice(tmp_path):
     assert "Unable to initialize backend" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "holds no converted dataset" in lines[0], r.stderr
+
+
+def test_orbax_leftover_task_errors_are_dropped_and_others_kept():
+    """After a failed restore, asyncio logs Orbax's other unretrieved task exceptions (with
+    tracebacks) when they are collected; the command already said what failed in one line.
+    Only those are dropped: any other asyncio error still reaches stderr."""
+    import asyncio
+    import logging
+    cli.quiet_logs()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        loop = asyncio.new_event_loop()
+        for where in ("/site-packages/orbax/checkpoint/_src/serialization/tensorstore_utils.py",
+                      "/home/me/mycode.py"):
+            loop.default_exception_handler({
+                "message": "Task exception was never retrieved",
+                "exception": FileNotFoundError("Individual parameter subdirectory not found"),
+                "future": f"<Task finished coro=<check() defined at {where}:967>>"})
+        loop.close()
+    finally:
+        log.removeHandler(handler)
+    assert len(seen) == 1 and "mycode.py" in seen[0].getMessage()
