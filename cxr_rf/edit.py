@@ -526,19 +526,6 @@ def _read_image(path: str, flag: str) -> np.ndarray:
     return imaging.read(path)
 
 
-def _age(value: str | None):
-    if value is None or value == "unknown":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise errors.UserError(f"--age must be a number of years or 'unknown', got {value!r}") from None
-
-
-def _to_unit(u16: np.ndarray) -> np.ndarray:
-    return u16.astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
-
-
 def main(argv):
     from cxr_rf import sample
     from cxr_rf.data import imaging
@@ -553,7 +540,7 @@ def main(argv):
     if FLAGS.mask and FLAGS.method != "invert":
         raise errors.UserError("--mask needs --method invert")
     do = causal.parse_set(FLAGS.set)
-    kwargs = dict(sex=FLAGS.sex, age=_age(FLAGS.age), race=FLAGS.race, view=FLAGS.view,
+    kwargs = dict(sex=FLAGS.sex, age=sample._age(FLAGS.age), race=FLAGS.race, view=FLAGS.view,
                   source=FLAGS.source, report=FLAGS.report)
     Conditions.parse(FLAGS.conditions, **kwargs)          # bad conditions fail early
     raw = _read_image(FLAGS.image, "--image")
@@ -581,7 +568,8 @@ def main(argv):
     if marginals is not None and (missing := data_stats.unseen(target.requested(), marginals)):
         print(f"warning: never in this run's training data, so the model has not learnt it: "
               f"{', '.join(missing)}", file=sys.stderr)
-    image = _to_unit(imaging.fit_square(raw, r))
+    from cxr_rf.data import pipeline
+    image = pipeline.to_model_range(imaging.fit_square(raw, r))[..., 0]
     mask = None
     if raw_mask is not None:
         m = raw_mask if raw_mask.shape == (r, r) else imaging.fit_square(raw_mask, r)
