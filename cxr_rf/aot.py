@@ -23,6 +23,18 @@ Reports, for one resolution stage (default: the last, largest one):
   two; not overlapped: their sum), and the chip-hours of the whole run (every stage's steps
   × its step time at that MFU).
 
+Autoencoder configs (``task == "autoencoder"``, ``cxr_rf.autoencoder``): the same report for
+``AETrainer``'s GAN-phase step (generator + discriminator updates, the larger of its two
+programs), compiled from abstract inputs (``AETrainer.abstract_inputs``: no init, no data),
+and, unless ``--norecon_phase``, the reconstruction-only step of the steps before
+``gan_start`` (its memory, FLOPs and fit; the plan fits when both do). There is no analytic
+FLOP formula for the conv autoencoder: step time, images/s and the run's chip-hours use the
+compiled FLOPs (no loops or remat there, so XLA counts every op once; they include the
+discriminator and the optimizers), per phase: gan_start steps of the reconstruction program,
+train.steps − gan_start of the GAN one. The architecture is the config's (``init_from``'s
+FLUX.2 weights are not read), and a perceptual term (``ae_loss.perceptual_features``) loads
+its extractor from that folder as training does.
+
 Exit status: 0 fits, 1 does not fit ("does not fit: X GiB > Y GiB = 90% of Z GiB usable
 HBM"), 2 bad input (topology, config, stage) or libtpu missing, 3 an unexpected failure
 (with its traceback).
@@ -580,11 +592,34 @@ def _stage_config(cfg: ml_collections.ConfigDict, stage: int | None,
     return cfg, st, config_lib.for_stage(cfg, st)
 
 
-def _compile(trainer):
-    """The compiled train step (XLA:TPU, for the topology's devices)."""
+def _compile(trainer, gan: bool = True):
+    """The compiled train step (XLA:TPU, for the topology's devices). An autoencoder run
+    (``AETrainer``) has two programs: ``gan`` picks the GAN phase's (generator + discriminator
+    updates, the larger) or the reconstruction-only one of the steps before ``gan_start``."""
     from cxr_rf import sharding
+    step = trainer._steps[gan] if is_autoencoder(trainer.cfg) else trainer.jitted_step
     with sharding.use(trainer.mesh):
-        return trainer.jitted_step.lower(*trainer.abstract_inputs()).compile()
+        return step.lower(*trainer.abstract_inputs()).compile()
+
+
+def is_autoencoder(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether ``cfg`` trains the latent autoencoder (``task == "autoencoder"``)."""
+    return str(cfg.get("task", "mmdit") or "mmdit") == "autoencoder"
+
+
+def _memory(compiled) -> dict:
+    """Per-device memory of a compiled program, by kind (see ``memory_total``)."""
+    m = compiled.memory_analysis()
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes}
+
+
+def _compiled_flops(compiled, devices_per_chip: int) -> float:
+    """FLOPs per step per chip from XLA's cost analysis (per device × devices per chip)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) * devices_per_chip
 
 
 def fit_limit(usable_bytes: int, fraction: float = MAX_HBM_FRACTION) -> int:
@@ -604,7 +639,8 @@ def comm_step_seconds(compute_s: float, comm_s: float | None) -> dict:
 
 def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = None,
          per_device_batch: int | None = None, mfu: float = 0.4,
-         max_hbm_fraction: float = MAX_HBM_FRACTION, hlo_path: str | None = None) -> dict:
+         max_hbm_fraction: float = MAX_HBM_FRACTION, hlo_path: str | None = None,
+         recon_phase: bool = True) -> dict:
     """Compile the train step of one stage for ``topology`` and project time and cost.
 
     Returns a JSON-able dict (see the module docstring); ``fits`` says whether the step's
@@ -612,15 +648,15 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
     PlanError for bad input.
     """
     from cxr_rf import sharding
-    from cxr_rf.trainer import Trainer
 
+    ae = is_autoencoder(cfg)
     topo = tpu_topology(topology)
     chip = hardware.chip(topo.device_kind)
     shape = sharding.mesh_shape(cfg.mesh, len(topo.devices))
     mesh = dict(zip(sharding.MESH_AXES, shape))
     shards = mesh["data"] * mesh["fsdp"]
     run_cfg, st, scfg = _stage_config(cfg, stage, per_device_batch, shards)
-    dtype = str(scfg.model.dtype)
+    dtype = str(scfg.autoencoder.dtype if ae else scfg.model.dtype)
     peak = hardware.peak_flops(topo.device_kind, dtype)
     dpc = topo.devices_per_chip
     hbm_device = chip.hbm // dpc
@@ -631,17 +667,24 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
     limit = fit_limit(usable, max_hbm_fraction)
     ici = ici_bytes_per_s(chip, topo.dims, topo.wrap)
     t0 = time.perf_counter()
-    trainer = Trainer(scfg, topo.devices)   # bad mesh / batch / model: UserError (exit 2)
+    if ae:      # the config's architecture (init_from's FLUX.2 weights are not read here)
+        from cxr_rf.autoencoder.step import AETrainer
+        trainer = AETrainer(scfg, topo.devices)
+    else:
+        from cxr_rf.trainer import Trainer
+        trainer = Trainer(scfg, topo.devices)   # bad mesh / batch / model: UserError (exit 2)
 
-    b, r, micro = scfg.train.batch_size, scfg.data.resolution, int(scfg.train.microbatches)
+    b, r = scfg.train.batch_size, scfg.data.resolution
+    micro = 1 if ae else int(scfg.train.microbatches)
     out: dict[str, Any] = {
-        "topology": topology, "device_kind": topo.device_kind, "chip": chip.name,
+        "task": "autoencoder" if ae else "mmdit", "topology": topology,
+        "device_kind": topo.device_kind, "chip": chip.name,
         "chips": topo.chips, "devices": len(topo.devices), "devices_per_chip": dpc,
         "torus_wrap": list(topo.wrap) if topo.wrap is not None else None,
         "mesh": mesh, "stage": st.index, "stages": len(config_lib.stages(run_cfg)),
         "stage_steps": [st.start, st.end], "resolution": r, "global_batch": b,
         "per_device_batch": b // shards, "images_per_chip": b / topo.chips,
-        "microbatches": micro, "remat": str(scfg.model.remat), "dtype": dtype,
+        "microbatches": micro, "remat": "none" if ae else str(scfg.model.remat), "dtype": dtype,
         "hbm_bytes_per_chip": chip.hbm, "hbm_bytes_per_device": hbm_device,
         "hbm_usable_bytes_per_device": usable, "hbm_usable_source": usable_source,
         "max_hbm_fraction": max_hbm_fraction, "hbm_limit_bytes_per_device": limit,
@@ -663,22 +706,46 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, *, stage: int | None = N
         with open(hlo_path, "w") as f:
             f.write(compiled.as_text())
     m = compiled.memory_analysis()
-    mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "code": m.generated_code_size_in_bytes}
+    mem = _memory(compiled)
     total = memory_total(mem)
     out.update(memory=mem, memory_total_bytes_per_device=total,
                memory_total_bytes_per_chip=total * dpc,
                xla_peak_bytes_per_device=int(getattr(m, "peak_memory_in_bytes", 0) or 0),
                fits=total <= limit, fraction_of_usable=total / usable,
                fraction_of_nominal=total / hbm_device)
+    if ae and recon_phase:
+        out["recon_phase"] = _recon_phase(trainer, topo, limit, usable)
+        out["fits"] = out["fits"] and out["recon_phase"]["fits"]
     return _project(out, run_cfg, scfg, topo, peak, mfu, compiled=compiled)
+
+
+def _recon_phase(trainer, topo: Topology, limit: int, usable: int) -> dict:
+    """The autoencoder's other program, the reconstruction-only step before ``gan_start``:
+    its memory, fit and compiled FLOPs (the GAN program is the one ``plan`` reports in full)."""
+    t0 = time.perf_counter()
+    try:
+        compiled = _compile(trainer, gan=False)
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal is an answer
+        oom = parse_hbm_oom(str(e))
+        if oom is None:
+            raise
+        return {"memory": None, "memory_total_bytes_per_device": oom[0], "fits": False,
+                "fraction_of_usable": oom[0] / usable, "compiled_flops_per_step_per_chip": None,
+                "compile_s": time.perf_counter() - t0}
+    mem = _memory(compiled)
+    total = memory_total(mem)
+    return {"memory": mem, "memory_total_bytes_per_device": total, "fits": total <= limit,
+            "fraction_of_usable": total / usable,
+            "compiled_flops_per_step_per_chip": _compiled_flops(compiled, topo.devices_per_chip),
+            "compile_s": time.perf_counter() - t0}
 
 
 def _project(out: dict, run_cfg, scfg, topo: Topology, peak: float, mfu: float,
              compiled) -> dict:
     """Add FLOPs, collectives, the projected step time / throughput and the whole-run cost
     to ``out``."""
+    if out.get("task") == "autoencoder":
+        return _project_autoencoder(out, run_cfg, topo, peak, mfu, compiled)
     b, r, micro = scfg.train.batch_size, scfg.data.resolution, int(scfg.train.microbatches)
     factor = train_flops_factor(str(scfg.model.remat))
     side = model_side(scfg, r)                  # latent runs: the latent grid, not the pixels
@@ -691,19 +758,72 @@ def _project(out: dict, run_cfg, scfg, topo: Topology, peak: float, mfu: float,
     dt = step_seconds(out["model_flops_per_step"], topo.chips, peak, mfu)
     comm_s = None
     if compiled is not None:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) * topo.devices_per_chip
+        flops = _compiled_flops(compiled, topo.devices_per_chip)
         out.update(compiled_flops_per_step_per_chip=flops, flops_ratio=flops / counted)
-        coll = collective_bytes(compiled.as_text(), len(topo.devices))
-        wire_chip = coll["wire_bytes"] * topo.devices_per_chip
-        ici = out["ici_bytes_per_s_per_chip"]
-        comm_s = wire_chip / ici if ici else None
-        out.update(collectives=coll, collective_wire_bytes_per_chip=wire_chip, comm_s=comm_s)
+        comm_s = _collectives(out, compiled, topo)
     tokens = (r // scfg.model.patch) ** 2
     out.update(step_s=dt, images_per_s=b / dt, tokens_per_s=b * tokens / dt,
                image_tokens=tokens, **comm_step_seconds(dt, comm_s),
                run=run_cost(run_cfg, topo.chips, peak, mfu))
+    return out
+
+
+def _collectives(out: dict, compiled, topo: Topology) -> float | None:
+    """Add the compiled step's collectives to ``out``; their seconds on ICI (None: no figure)."""
+    coll = collective_bytes(compiled.as_text(), len(topo.devices))
+    wire_chip = coll["wire_bytes"] * topo.devices_per_chip
+    ici = out["ici_bytes_per_s_per_chip"]
+    comm_s = wire_chip / ici if ici else None
+    out.update(collectives=coll, collective_wire_bytes_per_chip=wire_chip, comm_s=comm_s)
+    return comm_s
+
+
+def autoencoder_run_cost(steps: int, gan_start: int, batch: int, recon_flops: float | None,
+                         gan_flops: float, chips: int, peak_per_chip: float,
+                         mfu: float) -> dict:
+    """The autoencoder run's two phases (steps before ``gan_start`` run the reconstruction
+    program, the rest the GAN one) × their step time at ``mfu``, from the compiled FLOPs per
+    step per chip of each program (the reconstruction phase at the GAN program's FLOPs when
+    it was not compiled); the same shape as ``run_cost``."""
+    recon_steps = max(0, min(int(gan_start), int(steps)))
+    rows = []
+    for phase, n, flops in (("reconstruction", recon_steps, recon_flops or gan_flops),
+                            ("gan", int(steps) - recon_steps, gan_flops)):
+        if n <= 0:
+            continue
+        dt = step_seconds(flops, 1, peak_per_chip, mfu)      # flops are per chip already
+        rows.append({"stage": phase, "phase": phase, "batch_size": batch, "steps": n,
+                     "flops_of": "gan" if phase == "gan" or not recon_flops else phase,
+                     "step_s": dt, "hours": n * dt / 3600, "chip_hours": n * dt * chips / 3600,
+                     "images": n * batch})
+    return {"stages": rows, "chip_hours": sum(r["chip_hours"] for r in rows),
+            "hours": sum(r["hours"] for r in rows), "chips": chips, "mfu": mfu}
+
+
+def _project_autoencoder(out: dict, run_cfg, topo: Topology, peak: float, mfu: float,
+                         compiled) -> dict:
+    """``_project`` for the autoencoder: no analytic FLOP formula for its convolutions, so
+    the projections use XLA's compiled FLOPs of the step (no loops, no remat: every op counts
+    once; they include the discriminator's update and the optimizers), times the chips."""
+    b = out["global_batch"]
+    out.update(gan_start=int(run_cfg.ae_loss.gan_start), steps=int(run_cfg.train.steps),
+               analytic_flops_per_step_per_chip=None,
+               analytic_flops_as_xla_counts_per_chip=None, flops_ratio=None,
+               image_tokens=None, tokens_per_s=None)
+    if compiled is None:        # XLA refused the program: nothing to count
+        out.update(compiled_flops_per_step_per_chip=None, model_flops_per_step=None,
+                   step_s=None, images_per_s=None, run=None,
+                   **comm_step_seconds(0.0, None))
+        return out
+    flops = _compiled_flops(compiled, topo.devices_per_chip)
+    comm_s = _collectives(out, compiled, topo)
+    dt = step_seconds(flops, 1, peak, mfu)
+    recon = out.get("recon_phase") or {}
+    out.update(compiled_flops_per_step_per_chip=flops, model_flops_per_step=flops * topo.chips,
+               step_s=dt, images_per_s=b / dt, **comm_step_seconds(dt, comm_s),
+               run=autoencoder_run_cost(run_cfg.train.steps, run_cfg.ae_loss.gan_start, b,
+                                        recon.get("compiled_flops_per_step_per_chip"), flops,
+                                        topo.chips, peak, mfu))
     return out
 
 
@@ -722,13 +842,20 @@ def report(p: dict) -> list[str]:
     wrap = p.get("torus_wrap")
     torus = ("wrap-around " + "".join("xyz"[i] for i, w in enumerate(wrap) if w)
              if wrap and any(wrap) else "no wrap-around")
+    ae = p.get("task") == "autoencoder"
+    mesh = (f"mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']} "
+            f"tensor={p['mesh']['tensor']}")
+    where = (f"autoencoder GAN-phase step (steps {p['gan_start']}-{p['steps']}; before "
+             f"gan_start the reconstruction-only step) at {p['resolution']}²; {mesh}"
+             if ae and "gan_start" in p else
+             f"autoencoder at {p['resolution']}²; {mesh}" if ae else
+             f"stage {p['stage']} of {p['stages']} (steps {p['stage_steps'][0]}-"
+             f"{p['stage_steps'][1]}) at {p['resolution']}²; {mesh}")
     lines = [
         f"topology {p['topology']}: {p['chips']} chips of {p['chip']} ({p['device_kind']}; "
         f"{p['devices_per_chip']} device(s)/chip, {_gib(p['hbm_bytes_per_chip'])} HBM, "
         f"{p['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s {p['dtype']}; {torus})",
-        f"stage {p['stage']} of {p['stages']} (steps {p['stage_steps'][0]}-{p['stage_steps'][1]}) "
-        f"at {p['resolution']}²; mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']} "
-        f"tensor={p['mesh']['tensor']}",
+        where,
         f"batch: global {p['global_batch']} = {p['per_device_batch']} per device "
         f"(× data·fsdp {p['mesh']['data'] * p['mesh']['fsdp']}), microbatches "
         f"{p['microbatches']}, remat {p['remat']}",
@@ -744,12 +871,30 @@ def report(p: dict) -> list[str]:
             f"({_pct(p['fraction_of_nominal'])} of nominal; fits at <= "
             f"{_pct(p['max_hbm_fraction'])} of usable); XLA peak "
             f"{_gib(p['xla_peak_bytes_per_device'])}")
-        lines.append(
-            f"FLOPs per step per chip: compiled "
-            f"{p['compiled_flops_per_step_per_chip'] / 1e12:.3f} T"
-            f" vs analytic {p['analytic_flops_as_xla_counts_per_chip'] / 1e12:.3f} T as XLA "
-            f"counts them (loop bodies once) = ratio {p['flops_ratio']:.2f}; whole step "
-            f"(analytic) {p['analytic_flops_per_step_per_chip'] / 1e12:.3f} T")
+        rp = p.get("recon_phase")
+        if rp and rp["memory"]:
+            lines.append(
+                f"reconstruction-only step (before gan_start): total "
+                f"{_gib(rp['memory_total_bytes_per_device'])} = "
+                f"{_pct(rp['fraction_of_usable'])} of usable "
+                f"({'fits' if rp['fits'] else 'does not fit'}), compiled "
+                f"{rp['compiled_flops_per_step_per_chip'] / 1e12:.3f} TFLOPs per step per chip")
+        elif rp:
+            lines.append(f"reconstruction-only step (before gan_start): XLA refused to compile: "
+                         f"needs at least {_gib(rp['memory_total_bytes_per_device'])}")
+        if ae:
+            lines.append(
+                f"FLOPs per step per chip: compiled "
+                f"{p['compiled_flops_per_step_per_chip'] / 1e12:.3f} T vs analytic n/a (no "
+                f"analytic formula for the conv autoencoder; the projections use the compiled "
+                f"FLOPs)")
+        else:
+            lines.append(
+                f"FLOPs per step per chip: compiled "
+                f"{p['compiled_flops_per_step_per_chip'] / 1e12:.3f} T"
+                f" vs analytic {p['analytic_flops_as_xla_counts_per_chip'] / 1e12:.3f} T as "
+                f"XLA counts them (loop bodies once) = ratio {p['flops_ratio']:.2f}; whole "
+                f"step (analytic) {p['analytic_flops_per_step_per_chip'] / 1e12:.3f} T")
         c = p["collectives"]
         kinds = ", ".join(f"{k} {v['executions']}× {_gib(v['wire_bytes'])}"
                           for k, v in c["by_kind"].items()) or "none"
@@ -765,21 +910,31 @@ def report(p: dict) -> list[str]:
         lines.append(f"memory per device: XLA refused to compile: needs at least "
                      f"{_gib(p['memory_total_bytes_per_device'])} of "
                      f"{_gib(p['xla_hbm_limit_bytes_per_device'])} usable HBM")
-    lines.append(
-        f"projected at MFU {p['mfu']:.2f}: {p['step_s']:.3f} s/step, "
-        f"{p['images_per_s']:.0f} images/s, {p['tokens_per_s'] / 1e6:.2f}M image tokens/s")
+    if p["step_s"] is None:
+        lines.append("projected: n/a (no compiled program to count the FLOPs of)")
+    else:
+        lines.append(
+            f"projected at MFU {p['mfu']:.2f}: {p['step_s']:.3f} s/step, "
+            f"{p['images_per_s']:.0f} images/s"
+            + (f", {p['tokens_per_s'] / 1e6:.2f}M image tokens/s"
+               if p.get("tokens_per_s") is not None else ""))
     if p.get("step_s_overlapped") is not None:
         lines.append(
             f"with the collectives: {p['step_s_overlapped']:.3f} s/step overlapped with "
             f"compute, {p['step_s_serial']:.3f} s/step if not "
             f"({'communication' if p['comm_s'] > p['step_s'] else 'compute'}-bound)")
     run = p["run"]
-    for s in run["stages"]:
-        lines.append(f"  stage {s['stage']}: {s['steps']} steps at {s['resolution']}², batch "
-                     f"{s['batch_size']}: {s['step_s']:.3f} s/step, {s['hours']:.0f} h, "
-                     f"{s['chip_hours']:.0f} chip-hours")
-    lines.append(f"whole run at MFU {run['mfu']:.2f}: {run['chip_hours']:.0f} chip-hours "
-                 f"= {run['hours']:.0f} h ({run['hours'] / 24:.1f} days) on {run['chips']} chips")
+    for s in (run or {}).get("stages", []):
+        what = (f"{s['phase']} phase: {s['steps']} steps"
+                + (" (at the GAN step's FLOPs, an upper bound)"
+                   if s["phase"] != s.get("flops_of", s["phase"]) else "") if "phase" in s else
+                f"stage {s['stage']}: {s['steps']} steps at {s['resolution']}²")
+        lines.append(f"  {what}, batch {s['batch_size']}: {s['step_s']:.3f} s/step, "
+                     f"{s['hours']:.0f} h, {s['chip_hours']:.0f} chip-hours")
+    if run:
+        lines.append(f"whole run at MFU {run['mfu']:.2f}: {run['chip_hours']:.0f} chip-hours "
+                     f"= {run['hours']:.0f} h ({run['hours'] / 24:.1f} days) on "
+                     f"{run['chips']} chips")
     lines.append(f"compiled in {p['compile_s']:.0f} s")
     return lines
 
@@ -814,6 +969,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("json", None, "Write every number of the plan to this JSON file.")
     flags.DEFINE_string("hlo", None, "Write the compiled step's optimised HLO (what the "
                         "collectives are counted from) to this file.")
+    flags.DEFINE_bool("recon_phase", True, "Autoencoder runs: also compile the "
+                      "reconstruction-only step of the steps before gan_start (its memory, "
+                      "FLOPs and the cost of that phase; without it, that phase is costed at "
+                      "the GAN step's FLOPs, an upper bound).")
     cli.check_number("per_device_batch", 1)
     cli.check_number("stage", 0)
     cli.check_number("mfu", 0, 1, lo_open=True)
@@ -834,7 +993,8 @@ def main(argv) -> None:
         cli.output_file(flags_.hlo, "--hlo")
     p = plan(flags_.config, flags_.topology, stage=flags_.stage,
              per_device_batch=flags_.per_device_batch, mfu=flags_.mfu,
-             max_hbm_fraction=flags_.max_hbm_fraction, hlo_path=flags_.hlo)
+             max_hbm_fraction=flags_.max_hbm_fraction, hlo_path=flags_.hlo,
+             recon_phase=flags_.recon_phase)
     print("\n".join(report(p)))
     if flags_.json:
         with open(flags_.json, "w") as f:

@@ -555,3 +555,58 @@ def test_latent_runs_are_costed_on_their_latent_grid():
     st = cost["stages"][-1]
     want = aot.model_flops_per_image(cfg, 32) * st["batch_size"] / (64 * 1e15 * 0.5)
     assert st["step_s"] == pytest.approx(want)
+
+
+def test_autoencoder_run_cost_splits_the_two_phases():
+    """Steps before gan_start are costed at the reconstruction program's FLOPs, the rest at
+    the GAN program's; without the former, at the GAN one's (an upper bound)."""
+    cost = aot.autoencoder_run_cost(steps=200, gan_start=50, batch=8, recon_flops=1e15,
+                                    gan_flops=2e15, chips=4, peak_per_chip=1e16, mfu=0.5)
+    rec, gan = cost["stages"]
+    assert (rec["phase"], rec["steps"], rec["step_s"]) == ("reconstruction", 50, 0.2)
+    assert (gan["phase"], gan["steps"], gan["step_s"]) == ("gan", 150, 0.4)
+    assert cost["chip_hours"] == pytest.approx((50 * 0.2 + 150 * 0.4) * 4 / 3600)
+    upper = aot.autoencoder_run_cost(steps=200, gan_start=50, batch=8, recon_flops=None,
+                                     gan_flops=2e15, chips=4, peak_per_chip=1e16, mfu=0.5)
+    assert upper["stages"][0]["flops_of"] == "gan" and upper["stages"][0]["step_s"] == 0.4
+    # gan_start past the end: one phase.
+    assert [r["phase"] for r in aot.autoencoder_run_cost(
+        10, 50, 8, 1e15, 2e15, 4, 1e16, 0.5)["stages"]] == ["reconstruction"]
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_autoencoder_plan_compiles_both_programs_and_fits(tmp_path):
+    """task=autoencoder: the GAN-phase step (and the reconstruction-only one) of the AE smoke
+    config compiled for v5e:2x2 from abstract inputs, with memory, compiled FLOPs, the
+    collectives of its data-parallel gradients, a run cost over both phases and a verdict.
+    (Shrunk to 32² so that the two compiles stay short.)"""
+    out = tmp_path / "plan.json"
+    r = _aot("--config", "experiments/ae_smoke.py", "--topology", "v5e:2x2", "--json", str(out),
+             "--config.data.resolution=32", "--config.train.batch_size=8", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(out.read_text())
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == aot.verdict(p) and lines[-1].startswith("fits: ")
+    assert "autoencoder GAN-phase step (steps 300-400" in lines[1], lines[1]
+    assert any("vs analytic n/a" in x for x in lines)
+    assert p["task"] == "autoencoder" and p["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert (p["global_batch"], p["per_device_batch"], p["resolution"]) == (8, 2, 32)
+    mem = p["memory"]
+    # (At 32², batch 2 per device, XLA:TPU reports no temporaries beyond the buffers.)
+    assert all(mem[k] > 0 for k in ("arguments", "outputs", "code")) and mem["temporaries"] >= 0
+    assert 0 < mem["aliased"] <= mem["outputs"]                 # the donated state
+    assert p["memory_total_bytes_per_device"] == aot.memory_total(mem)
+    rp = p["recon_phase"]
+    assert rp["fits"] and 0 < rp["memory_total_bytes_per_device"]
+    # The GAN step adds the discriminator's forward/backward and update to the same generator.
+    assert 0 < rp["compiled_flops_per_step_per_chip"] < p["compiled_flops_per_step_per_chip"]
+    assert p["analytic_flops_per_step_per_chip"] is None and p["flops_ratio"] is None
+    assert p["model_flops_per_step"] == p["compiled_flops_per_step_per_chip"] * 4
+    assert p["step_s"] == pytest.approx(p["compiled_flops_per_step_per_chip"] / (197e12 * 0.4))
+    # Data parallel: the replicated gradients are all-reduced.
+    assert p["collectives"]["by_kind"]["all-reduce"]["payload_bytes"] > 0
+    rec, gan = p["run"]["stages"]
+    assert (rec["phase"], rec["steps"], gan["phase"], gan["steps"]) == (
+        "reconstruction", 300, "gan", 100)
+    assert rec["step_s"] < gan["step_s"] == pytest.approx(p["step_s"])

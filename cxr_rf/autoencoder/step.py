@@ -385,6 +385,20 @@ class AETrainer:
             state = state.replace(params=params, latent_stats=stats, ema=ema)
         return state
 
+    def abstract_inputs(self) -> tuple:
+        """(state, batch, feat_params) ShapeDtypeStructs with the step's input shardings: what
+        ``_steps[gan].lower`` takes to compile without data or init (``cxr_rf.aot``)."""
+        with sharding.use(self.mesh):
+            shapes = jax.eval_shape(self._init, jax.random.PRNGKey(self.cfg.seed))
+        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+        state = jax.tree.map(sds, shapes, self.state_sharding)
+        r = self.cfg.data.resolution
+        batch = {"image": jax.ShapeDtypeStruct(
+            (self.cfg.train.batch_size, r, r, self.ae_cfg.in_channels), jnp.float32,
+            sharding=self.batch_sharding)}
+        feats = jax.tree.map(lambda a: sds(a, a.sharding), self.feat_params)
+        return state, batch, feats
+
     def gan_on(self, step: int) -> bool:
         """Whether the (1-based) ``step`` trains the discriminator and the GAN term."""
         return step - 1 >= self.weights.gan_start
