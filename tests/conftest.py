@@ -57,6 +57,34 @@ def phantom_data(tmp_path_factory):
     return get
 
 
+def _snapshot(root) -> dict:
+    """{relative path: (size, mtime_ns)} of every file below ``root``."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            out[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, phantom_data):
+    """The workdir (a ``pathlib.Path``) of the tiny run at 16 px trained for 2 steps (one
+    checkpoint, step 2) on ``phantom_data(16)``: trained once per session and shared by every
+    test that samples, edits or evaluates a run. Read-only: a test that writes into its
+    workdir (``evaluate``'s default output, ``edit``'s causal.json) copies it first
+    (``shutil.copytree(tiny_run, tmp_path / "run")``); a write into the shared one fails the
+    session at teardown."""
+    from cxr_rf import train
+    cfg = tiny.load(16, steps=2, ckpt_every=2)
+    cfg.data.dir = phantom_data(16)
+    d = tmp_path_factory.mktemp("tiny_run")
+    train.run(cfg, d)
+    before = _snapshot(d)
+    yield d
+    assert _snapshot(d) == before, "a test wrote into the shared tiny_run: copy it first"
+
+
 @pytest.fixture
 def synthetic_batch():
     """``synthetic_batch(cfg, seed=0)``: random images, varied valid conditions."""

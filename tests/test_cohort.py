@@ -164,19 +164,8 @@ SPEC = {"name": "tiny", "n": 16, "seed": 2, "findings": {"Cardiomegaly": 0.5},
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, phantom_data):
-    """A tiny run (16 px, 2 steps) with a checkpoint."""
-    from cxr_rf import train
-    import tiny
-    cfg = tiny.load(16, steps=2, ckpt_every=2)
-    cfg.data.dir = phantom_data(16)
-    d = tmp_path_factory.mktemp("run")
-    train.run(cfg, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tiny_cohort(tiny_run, tmp_path_factory):
+    """A matched cohort of the shared tiny run (tests/conftest.py)."""
     out = tmp_path_factory.mktemp("cohorts") / "full"
     stats = cohort.generate(tiny_run, SPEC, out, shards=2, batch_size=8)
     return out, stats

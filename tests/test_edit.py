@@ -5,6 +5,7 @@ flow map is known; the rest use the suite's tiny run trained for 2 steps (number
 shapes, files and exactness properties not).
 """
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -77,19 +78,8 @@ def test_psnr():
 # ----------------------------------------------------------------------------- tiny run
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, phantom_data):
-    """A tiny run (16 px, 2 steps) with a checkpoint."""
-    from cxr_rf import train
-    import tiny
-    cfg = tiny.load(16, steps=2, ckpt_every=2)
-    cfg.data.dir = phantom_data(16)
-    d = tmp_path_factory.mktemp("editrun")
-    train.run(cfg, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def loaded(tiny_run):
+    """(cfg, Sampler, EMA params) of the shared tiny run (tests/conftest.py)."""
     cfg = sample.read_config(tiny_run)
     sampler = sample.Sampler(cfg, batch_size=4)
     params, _ = sampler.restore(tiny_run)
@@ -171,6 +161,7 @@ def _png(path, side, value=30000):
 
 def test_cli_null_edit_writes_files_and_edit_json(tiny_run, tmp_path):
     from cxr_rf import export
+    tiny_run = shutil.copytree(tiny_run, tmp_path / "run")    # edit caches causal.json in it
     img = _png(tmp_path / "in.png", 40)
     out = tmp_path / "out"
     args = [f"--workdir={tiny_run}", f"--image={img}", "--conditions=Cardiomegaly=negative",

@@ -44,15 +44,10 @@ def test_conditions_round_trip_through_a_manifest():
 
 
 @pytest.fixture(scope="module")
-def tiny_sampler(tmp_path_factory, phantom_data):
-    """The real Sampler of a tiny run trained for 2 steps (EMA params restored)."""
-    from cxr_rf import sample, train
-    import tiny
-    cfg = tiny.load(16, steps=2, ckpt_every=2)
-    cfg.data.dir = phantom_data(16)
-    d = tmp_path_factory.mktemp("run")
-    train.run(cfg, d)
-    cfg, model, params, step = sample.load(d, batch_size=4)
+def tiny_sampler(tiny_run):
+    """The real Sampler of the shared tiny run (tests/conftest.py; EMA params restored)."""
+    from cxr_rf import sample
+    cfg, model, params, step = sample.load(tiny_run, batch_size=4)
     return sample.Sampler(cfg, model, batch_size=4), params
 
 

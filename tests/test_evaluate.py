@@ -4,6 +4,7 @@ the grouping and matching of ``control`` against a stand-in sampler that draws r
 (one ``error:`` line, exit 2, nothing written)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,17 +172,7 @@ def test_to_json_is_strict():
 
 # ----------------------------------------------------------------------------- the command
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, phantom_data):
-    """A tiny run (16 px, 2 steps) with a checkpoint."""
-    from cxr_rf import train
-    import tiny
-    cfg = tiny.load(16, steps=2, ckpt_every=2)
-    cfg.data.dir = phantom_data(16)
-    d = tmp_path_factory.mktemp("run")
-    train.run(cfg, d)
-    return d
-
+# tiny_run: the shared tiny run of tests/conftest.py (read-only).
 
 def test_command_writes_json_markdown_and_sheet(tiny_run, tmp_path, capsys):
     out = tmp_path / "ev"
@@ -203,10 +194,11 @@ def test_command_writes_json_markdown_and_sheet(tiny_run, tmp_path, capsys):
             assert len(g["scores"]["pos"]) == len(g["scores"]["neg"]) == 2
     md = (out / "control.md").read_text()
     assert md.count("\n| Cardiomegaly |") == 1 and md.count("\n| Pleural Effusion |") == 1
-    # The default output directory is inside the run.
-    assert cli.call(evaluate, ["control", f"--workdir={tiny_run}", "--num=2", "--steps=1",
+    # The default output directory is inside the run (a copy: the shared run is read-only).
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    assert cli.call(evaluate, ["control", f"--workdir={run}", "--num=2", "--steps=1",
                                "--findings=Cardiomegaly"]) == 0
-    assert (tiny_run / "eval" / "control" / "control.json").exists()
+    assert (run / "eval" / "control" / "control.json").exists()
 
 
 def test_all_writes_every_section_metrics_and_a_report(tiny_run, tmp_path, capsys):
