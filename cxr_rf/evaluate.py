@@ -176,6 +176,19 @@ def _write(out: epath.Path, name: str, result: dict) -> dict:
     return result
 
 
+def _write_section(ctx: Context, name: str, result: dict, md: str, sheet) -> dict:
+    """A measured section's files in ``<out>/<name>/``: ``<name>.json`` (the result),
+    ``<name>.md`` (its table, also printed) and ``<name>.png`` (its contact sheet, a PIL
+    image)."""
+    out = ctx.dir(name)
+    _write(out, f"{name}.json", result)
+    (out / f"{name}.md").write_text(md)
+    with (out / f"{name}.png").open("wb") as f:
+        sheet.save(f, format="PNG")
+    print(md)
+    return result
+
+
 def _is_phantom(ctx: Context) -> bool:
     cfg = ctx.run[0]
     return cfg.data.source == "phantom" and not cfg.data.get("mixture")
@@ -191,14 +204,8 @@ def section_control(ctx: Context) -> dict:
                                      sampler=sampler, guidance=guidance, unlisted=unlisted,
                                      return_images=True)
     result = {"checkpoint_step": step, "workdir": str(ctx.workdir), **result}
-    out = ctx.dir("control")
-    md = control.table(result)
-    _write(out, "control.json", result)
-    (out / "control.md").write_text(md)
-    with (out / "control.png").open("wb") as f:
-        control.contact_sheet(images, result).save(f, format="PNG")
-    print(md)
-    return result
+    return _write_section(ctx, "control", result, control.table(result),
+                          control.contact_sheet(images, result))
 
 
 def section_conditional(ctx: Context) -> dict:
@@ -300,14 +307,8 @@ def section_edits(ctx: Context) -> dict:
     result, images = edits.edits(cfg, sampler, params, num=FLAGS.num, seed=FLAGS.seed,
                                  steps=FLAGS.steps, guidance=guidance, return_images=True)
     result = {"checkpoint_step": step, **result}
-    out = ctx.dir("edits")
-    md = edits.table(result)
-    _write(out, "edits.json", result)
-    (out / "edits.md").write_text(md)
-    with (out / "edits.png").open("wb") as f:
-        edits.contact_sheet(images, result).save(f, format="PNG")
-    print(md)
-    return result
+    return _write_section(ctx, "edits", result, edits.table(result),
+                          edits.contact_sheet(images, result))
 
 
 SECTIONS = {"control": section_control, "edits": section_edits,

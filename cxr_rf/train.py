@@ -30,6 +30,54 @@ from cxr_rf import trainer as trainer_lib
 FLAGS = flags.FLAGS
 
 
+# --------------------------------------------------------------------------------------------
+# What both training loops do around their steps (this one and the autoencoder's,
+# cxr_rf.autoencoder.train): config.json, checkpoints and preemption, metrics, teardown.
+# --------------------------------------------------------------------------------------------
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """``workdir/config.json``, atomically (write, then rename): the other processes of a
+    resumed run read the previous config.json in check_resumable while the lead replaces it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / f"config.json.tmp{os.getpid()}"
+    tmp.write_text(cfg.to_json_best_effort(indent=2))
+    tmp.replace(workdir / "config.json")
+
+
+def open_outputs(t: ml_collections.ConfigDict, workdir: epath.Path, lead: bool):
+    """(checkpoint manager, SIGTERM request, TensorBoard writer or None off the lead process)
+    of a run in ``workdir`` with the ``train`` settings ``t`` (``close_all`` them in this order)."""
+    mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
+                              keep_period=t.ckpt_keep_period, async_save=t.ckpt_async)
+    return mngr, checkpoint.StopRequest(), (outputs.MetricWriter(workdir / "tensorboard")
+                                            if lead else None)
+
+
+def save_checkpoint(mngr, stop: checkpoint.StopRequest, step: int, end: int, every: int,
+                    state, data_iter) -> bool:
+    """Checkpoint ``step`` (state + iterator) when it is due (every ``every`` steps and the
+    loop's last step ``end``) or a preemption/SIGTERM was requested (then forced, and True:
+    the loop stops after this step, see ``stopped``)."""
+    preempted = stop(mngr, step)
+    if step % every == 0 or step == end or preempted:
+        checkpoint.save(mngr, step, state, data_iter, force=preempted)
+    return preempted
+
+
+def stopped(last: dict, step: int) -> None:
+    """Log and record (``last["preempted"]``) a loop stopped by ``save_checkpoint``."""
+    logging.warning("stopping after the checkpoint of step %d (preemption/SIGTERM)", step)
+    last["preempted"] = step
+
+
+def close_all(*things) -> None:
+    """``close()`` each of ``things`` in order (None and objects without ``close`` skipped)."""
+    for thing in things:
+        fn = getattr(thing, "close", None)
+        if fn:
+            fn()
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
         stop_at: int | None = None, devices=None) -> dict:
     """Train (or resume) a run in ``workdir``; returns the last logged metrics.
@@ -59,18 +107,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     trainer_lib.check_resumable(cfg, workdir)       # a workdir of another token layout
     path = trainer_lib.ensure_data(cfg, workdir)   # a bad data.dir fails before the workdir exists
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        # Atomically (write, then rename): the other processes of a resumed run read the
-        # previous config.json in check_resumable while this one replaces it.
-        tmp = workdir / f"config.json.tmp{os.getpid()}"
-        tmp.write_text(cfg.to_json_best_effort(indent=2))
-        tmp.replace(workdir / "config.json")
+        write_config(cfg, workdir)
     stages = trainer_lib.Stages(cfg, schedule, path, devices)
     stages.enter(0)
-    mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
-                              keep_period=t.ckpt_keep_period, async_save=t.ckpt_async)
-    stop = checkpoint.StopRequest()
-    writer = outputs.MetricWriter(workdir / "tensorboard") if lead else None
+    mngr, stop, writer = open_outputs(t, workdir, lead)
     grids = bool(t.sample_every)
     if grids and jax.process_count() > 1:
         # The sampler runs on process 0 alone and cannot read parameters sharded over the
@@ -138,16 +178,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
             # ------------------------------------------------------------------------------------
             # Checkpoint (state + this stage's iterator), then sample grids from the EMA.
             # ------------------------------------------------------------------------------------
-            preempted = stop(mngr, step)
-            if step % t.ckpt_every == 0 or step == end or preempted:
-                checkpoint.save(mngr, step, state, data_iter, force=preempted)
+            preempted = save_checkpoint(mngr, stop, step, end, t.ckpt_every, state, data_iter)
             if sampler and (step % t.sample_every == 0 or step == t.steps):
                 sampler.grid(state.ema_params, workdir / "samples" / f"step_{step:07d}.png",
                              step=step)
             if preempted:
-                logging.warning("stopping after the checkpoint of step %d (preemption/SIGTERM)",
-                                step)
-                last["preempted"] = step
+                stopped(last, step)
                 break
         mngr.wait_until_finished()
         bar.close()
@@ -156,11 +192,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
         # ----------------------------------------------------------------------------------------
         # Teardown, whatever happened: signal handler, pending saves, Grain workers, logs.
         # ----------------------------------------------------------------------------------------
-        stop.close()
-        mngr.close()
-        stages.close()
-        if writer:
-            writer.close()
+        close_all(stop, mngr, stages, writer)
 
 
 def _define_flags() -> None:

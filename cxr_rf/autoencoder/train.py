@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from etils import epath
 
 from cxr_rf import checkpoint, errors, outputs
 from cxr_rf import config as config_lib
+from cxr_rf import train as loop
 from cxr_rf import trainer as trainer_lib
 from cxr_rf.autoencoder import lora as lora_lib
 from cxr_rf.autoencoder import step as step_lib
@@ -82,16 +82,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
     path = trainer_lib.ensure_data(cfg, workdir)
     pretrained = _pretrained(cfg)
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / f"config.json.tmp{os.getpid()}"
-        tmp.write_text(cfg.to_json_best_effort(indent=2))
-        tmp.replace(workdir / "config.json")
+        loop.write_config(cfg, workdir)
     trainer = step_lib.AETrainer(cfg, devices, init_from=pretrained)
     data_iter = iter(trainer_lib.make_loader(cfg, path, "train", train=True))
-    mngr = checkpoint.manager(workdir / "checkpoints", keep=t.ckpt_keep,
-                              keep_period=t.ckpt_keep_period, async_save=t.ckpt_async)
-    stop = checkpoint.StopRequest()
-    writer = outputs.MetricWriter(workdir / "tensorboard") if lead else None
+    mngr, stop, writer = loop.open_outputs(t, workdir, lead)
     use_ema = trainer.ema_decay > 0
     grids = bool(t.sample_every) and lead
     if grids and jax.process_count() > 1:
@@ -155,16 +149,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
             # ------------------------------------------------------------------------------------
             # Checkpoint (state + iterator), then the reconstruction grid.
             # ------------------------------------------------------------------------------------
-            preempted = stop(mngr, step)
-            if step % t.ckpt_every == 0 or step == end or preempted:
-                checkpoint.save(mngr, step, state, data_iter, force=preempted)
+            preempted = loop.save_checkpoint(mngr, stop, step, end, t.ckpt_every, state,
+                                             data_iter)
             if grids and (step % t.sample_every == 0 or step == t.steps):
                 recon_grid(trainer, state.generator_params(use_ema), cfg, path,
                            workdir / "samples" / f"step_{step:07d}.png")
             if preempted:
-                logging.warning("stopping after the checkpoint of step %d (preemption/SIGTERM)",
-                                step)
-                last["preempted"] = step
+                loop.stopped(last, step)
                 break
         mngr.wait_until_finished()
         bar.close()
@@ -173,13 +164,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | epath.Path,
         # ----------------------------------------------------------------------------------------
         # Teardown, whatever happened.
         # ----------------------------------------------------------------------------------------
-        stop.close()
-        mngr.close()
-        close = getattr(data_iter, "close", None)
-        if close:
-            close()
-        if writer:
-            writer.close()
+        loop.close_all(stop, mngr, data_iter, writer)
 
 
 # --------------------------------------------------------------------------------------------

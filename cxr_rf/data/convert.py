@@ -126,6 +126,50 @@ def _clear(out: Path) -> None:
             p.unlink()
 
 
+def _check_distributed(out: Path, state: str, shard_range: tuple[int, int] | None,
+                       publish_only: bool, kind: str = "conversion") -> None:
+    """UsageError unless OUT (in ``state``, of ``_output_state``) suits the call: ``--publish``
+    needs unfinished work, ``--shard_range`` an empty or unfinished OUT. Shared by convert and
+    ``encode`` (``kind`` names the work)."""
+    if publish_only and state != "unfinished":
+        raise UsageError(f"nothing to publish in {out}: no unfinished {kind} there"
+                         + (" (it already holds a dataset)" if state != "fresh" else ""))
+    if shard_range is not None and state == "replace":
+        raise UsageError(f"output {out} already holds a dataset; --shard_range needs an empty "
+                         "or unfinished output")
+
+
+def _prepare_work(out: Path, state: str, fingerprint: str, units: list[str], *,
+                  overwrite: bool, distributed: bool, kind: str = "conversion",
+                  of: str = "input or settings") -> Path:
+    """Make ``out/.work`` ready for the plan ``fingerprint`` (of the shards named ``units``) and
+    return it: resume unfinished work of the same plan; clear OUT when ``state`` (of
+    ``_output_state``) is 'replace' or the unfinished work is of another plan (that only with
+    ``overwrite``; a ``distributed`` call, --shard_range or --publish, never clears another
+    process's work); write ``plan.json`` once. Shared by convert and ``encode`` (``kind`` and
+    ``of`` name the work in the error)."""
+    work = out / WORK
+    if state == "unfinished":
+        try:
+            previous = json.loads((work / "plan.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            previous = None  # interrupted before its plan was written: nothing to keep
+        if previous is not None and previous != fingerprint and not overwrite:
+            raise UsageError(f"output {out} holds an unfinished {kind} of other {of} "
+                             "(pass --overwrite to discard it)")
+        if previous is None and distributed:
+            previous = fingerprint  # another process is starting: never clear its work
+        if previous != fingerprint:
+            state = "replace"
+    if state == "replace":
+        _clear(out)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "plan.json").exists():
+        _write_atomic(work / "plan.json", json.dumps({"fingerprint": fingerprint,
+                                                      "units": list(units)}))
+    return work
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may share OUT/.work
     tmp.write_text(text)
@@ -212,34 +256,12 @@ def convert(source: str, out_dir: str | os.PathLike, opts: SourceOptions, *,
     if not plan.units and not plan.rejects:
         where = opts.input_dir or "the source"
         raise UsageError(f"source {source!r} found no images in {where}")
-    work = out / WORK
-    if publish_only and state != "unfinished":
-        raise UsageError(f"nothing to publish in {out}: no unfinished conversion there"
-                         + (" (it already holds a dataset)" if state != "fresh" else ""))
-    if shard_range is not None and state == "replace":
-        raise UsageError(f"output {out} already holds a dataset; --shard_range needs an empty "
-                         "or unfinished output")
+    _check_distributed(out, state, shard_range, publish_only)
     if shard_range is not None and shard_range[0] >= len(plan.units):
         raise UsageError(f"shard_range {shard_range[0]}:{shard_range[1]} starts past the plan's "
                          f"{len(plan.units)} shards")
-    if state == "unfinished":
-        try:
-            previous = json.loads((work / "plan.json").read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError):
-            previous = None  # interrupted before its plan was written: nothing to keep
-        if previous is not None and previous != plan.fingerprint and not overwrite:
-            raise UsageError(f"output {out} holds an unfinished conversion of other input or "
-                             "settings (pass --overwrite to discard it)")
-        if previous is None and distributed:
-            previous = plan.fingerprint  # another process is starting: never clear its work
-        if previous != plan.fingerprint:
-            state = "replace"
-    if state == "replace":
-        _clear(out)
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "plan.json").exists():
-        _write_atomic(work / "plan.json", json.dumps(
-            {"fingerprint": plan.fingerprint, "units": [u.name for u in plan.units]}))
+    work = _prepare_work(out, state, plan.fingerprint, [u.name for u in plan.units],
+                         overwrite=overwrite, distributed=distributed)
     cfg = worker.WorkerConfig(source=source, salt=opts.salt, resolution=opts.resolution, fit=fit)
     if publish_only:
         missing = [i for i, u in enumerate(plan.units) if not _is_done(work, u)]
@@ -436,6 +458,24 @@ def _define_flags() -> None:
     cli.check_number("seed", 0)
 
 
+def _parse_shard_range(text: str | None) -> tuple[int, int] | None:
+    """``--shard_range A:B`` as (A, B); None when not given (also for ``encode``)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise UsageError(f"--shard_range must be A:B (two non-negative ints); got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _shard_range_done(verb: str, stats: dict[str, Any], output: str) -> str:
+    """The line a ``--shard_range`` run prints (also for ``encode``)."""
+    a, b = stats["shard_range"]
+    return (f"{verb} shards {a}:{b} of {stats['shards']} into {Path(output).absolute() / WORK}; "
+            f"{stats['pending']} shards still to do"
+            + ("; run with --publish" if not stats["pending"] else ""))
+
+
 def main(argv: list[str]) -> int:
     """Convert and print the label marginals. Bad arguments, input or output (UsageError) exit
     2 and too many rejects (TooManyRejects, after its table) 1, through ``cli.run``."""
@@ -445,12 +485,7 @@ def main(argv: list[str]) -> int:
     cli.require("source", "output", "resolution")
     opts = SourceOptions(input_dir=f.input, num=f.num, resolution=f.resolution, seed=f.seed,
                          salt=f.salt, labels_csv=f.labels)
-    shard_range = None
-    if f.shard_range is not None:
-        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", f.shard_range)
-        if not m:
-            raise UsageError(f"--shard_range must be A:B (two non-negative ints); got {f.shard_range!r}")
-        shard_range = (int(m.group(1)), int(m.group(2)))
+    shard_range = _parse_shard_range(f.shard_range)
     try:
         stats = convert(f.source, f.output, opts, shards=f.shards, shard_size=f.shard_size,
                         workers=f.workers, fit=f.fit, max_reject_fraction=f.max_reject_fraction,
@@ -460,10 +495,7 @@ def main(argv: list[str]) -> int:
         print(format_stats(e.stats))   # what was rejected; the error line says why it stops
         raise
     if shard_range is not None:
-        a, b = stats["shard_range"]
-        print(f"converted shards {a}:{b} of {stats['shards']} into {Path(f.output).absolute() / WORK}; "
-              f"{stats['pending']} shards still to do"
-              + ("; run with --publish" if not stats["pending"] else ""))
+        print(_shard_range_done("converted", stats, f.output))
         return 0
     print(format_stats(stats))
     print(f"wrote {stats['total']['count']} examples to {Path(f.output).absolute()}; rejected "

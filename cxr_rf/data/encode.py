@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -221,32 +220,11 @@ def encode(input_dir: str | os.PathLike, out_dir: str | os.PathLike,
         sort_keys=True).encode()).hexdigest()
 
     state = convert._output_state(out, overwrite)
-    distributed = shard_range is not None or publish_only
-    work = out / WORK
-    if publish_only and state != "unfinished":
-        raise UsageError(f"nothing to publish in {out}: no unfinished encoding there"
-                         + (" (it already holds a dataset)" if state != "fresh" else ""))
-    if shard_range is not None and state == "replace":
-        raise UsageError(f"output {out} already holds a dataset; --shard_range needs an empty "
-                         "or unfinished output")
-    if state == "unfinished":
-        try:
-            previous = json.loads((work / "plan.json").read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError):
-            previous = None
-        if previous is not None and previous != plan_fp and not overwrite:
-            raise UsageError(f"output {out} holds an unfinished encoding of other input, "
-                             "autoencoder or settings (pass --overwrite to discard it)")
-        if previous is None and distributed:
-            previous = plan_fp
-        if previous != plan_fp:
-            state = "replace"
-    if state == "replace":
-        convert._clear(out)
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "plan.json").exists():
-        convert._write_atomic(work / "plan.json", json.dumps(
-            {"fingerprint": plan_fp, "units": [u.name for u in units]}))
+    convert._check_distributed(out, state, shard_range, publish_only, kind="encoding")
+    work = convert._prepare_work(out, state, plan_fp, [u.name for u in units],
+                                 overwrite=overwrite,
+                                 distributed=shard_range is not None or publish_only,
+                                 kind="encoding", of="input, autoencoder or settings")
     done = lambda u: (work / f"{u.name}.json").exists() and (  # noqa: E731
         work / f"{u.name}.array_record").exists()
     if publish_only:
@@ -378,21 +356,13 @@ def main(argv: list[str]) -> int:
     f = flags.FLAGS
     cli.no_arguments(argv)
     cli.require("autoencoder", "input", "output")
-    shard_range = None
-    if f.shard_range is not None:
-        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", f.shard_range)
-        if not m:
-            raise UsageError(f"--shard_range must be A:B (two non-negative ints); got {f.shard_range!r}")
-        shard_range = (int(m.group(1)), int(m.group(2)))
+    shard_range = convert._parse_shard_range(f.shard_range)
     stats = encode(f.input, f.output, f.autoencoder, step=f.step, batch_size=f.batch_size,
                    dtype=f.dtype, keep_pixels=f.keep_pixels, overwrite=f.overwrite,
                    progress=not f["no-progress"].value, shard_range=shard_range,
                    publish_only=f.publish)
     if shard_range is not None:
-        a, b = stats["shard_range"]
-        print(f"encoded shards {a}:{b} of {stats['shards']} into {Path(f.output).absolute() / WORK}; "
-              f"{stats['pending']} shards still to do"
-              + ("; run with --publish" if not stats["pending"] else ""))
+        print(convert._shard_range_done("encoded", stats, f.output))
         return 0
     lat = stats[schema.LATENT]
     print(f"wrote {stats['total']['count']} latents {lat['shape']} ({lat['dtype']}, factor "
