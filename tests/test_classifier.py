@@ -119,10 +119,14 @@ def test_training_is_deterministic_for_a_seed(phantoms):
     train_set = ArraySet(phantoms[0].x[:64], phantoms[0].metas[:64])
     x = phantoms[1].images(range(8))
     kw = dict(out_dir=None, steps=6, batch_size=16, seed=3, **TINY)
-    a, b = C.train(train_set, **kw).predict(x), C.train(train_set, **kw).predict(x)
+    a = C.train(train_set, **kw).predict(x)
+    before = C._train_program.cache_info().hits
+    b = C.train(train_set, **kw).predict(x)
     np.testing.assert_array_equal(a, b)
     c = C.train(train_set, **{**kw, "seed": 4}).predict(x)
     assert not np.array_equal(a, c)
+    # Same architecture and recipe, another seed: the compiled step is reused, not rebuilt.
+    assert C._train_program.cache_info().hits == before + 2
 
 
 def test_chexgenbench_preprocessing_quantises_to_uint8():

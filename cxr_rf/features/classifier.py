@@ -36,6 +36,7 @@ first resizes to 299 px (PIL bilinear) and quantises to uint8 as CheXGenBench do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -269,12 +270,7 @@ class Classifier:
         self.batch_size = max(n, -(-int(batch_size) // n) * n)   # a multiple of the devices
         self._batch_sharding = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        model, r = build(cfg), self.resolution
-
-        def forward(params, images_BxHxW):
-            feats_BxD, logits_BxF = model.apply({"params": params}, preprocess(images_BxHxW, r))
-            return feats_BxD, jax.nn.sigmoid(logits_BxF)
-        self._forward = jax.jit(forward)
+        self._forward = _forward_program(_architecture(cfg))
 
     def _run(self, images_BxHxW) -> tuple[np.ndarray, np.ndarray]:
         from cxr_rf.features import check_images
@@ -407,6 +403,49 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float):
                        optax.adamw(sched, weight_decay=weight_decay, mask=decay_mask))
 
 
+def _architecture(cfg: ClassifierConfig) -> ClassifierConfig:
+    """``cfg`` without the fields that do not change the compiled programs (seed, training
+    set): the key under which those programs are cached."""
+    return dataclasses.replace(cfg, steps=0, batch_size=0, lr=0.0, seed=0, train_set="",
+                               train_size=0)
+
+
+# The compiled programs are cached per architecture and recipe: the utility evaluation
+# trains three classifiers with one recipe (real, synthetic, both) and features are extracted
+# by several Classifier objects of one network; a fresh jax.jit closure for each would trace
+# and compile the same program again (jit caches by function identity).
+@functools.lru_cache(maxsize=16)
+def _forward_program(arch: ClassifierConfig):
+    model, r = build(arch), int(arch.resolution)
+
+    def forward(params, images_BxHxW):
+        feats_BxD, logits_BxF = model.apply({"params": params}, preprocess(images_BxHxW, r))
+        return feats_BxD, jax.nn.sigmoid(logits_BxF)
+    return jax.jit(forward)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_program(arch: ClassifierConfig, steps: int, warmup: int, lr: float,
+                   weight_decay: float, mesh: Mesh):
+    """(optimizer, jitted train step) of one architecture and recipe on ``mesh``."""
+    model, res = build(arch), int(arch.resolution)
+    tx = make_optimizer(lr, steps, warmup, weight_decay)
+    replicated = NamedSharding(mesh, P())
+
+    def step_fn(params, opt_state, images_BxHxW, codes_BxF):
+        def loss_fn(p):
+            _, logits_BxF = model.apply({"params": p}, preprocess(images_BxHxW, res))
+            return masked_bce(logits_BxF, codes_BxF, arch.uncertain)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # Params and optimizer state replicated, the batch split over "data": XLA inserts the
+    # gradient all-reduce. Donating the state updates it in place.
+    return tx, jax.jit(step_fn, out_shardings=(replicated, replicated, replicated),
+                       donate_argnums=(0, 1))
+
+
 def train(train_set, *, out_dir: str | os.PathLike | None, val_set=None, steps: int = 600,
           batch_size: int = 64, lr: float = 2e-3, seed: int = 0, resolution: int | None = None,
           uncertain: str = "ignore", widths: Sequence[int] = (32, 64, 128, 256),
@@ -438,25 +477,12 @@ def train(train_set, *, out_dir: str | os.PathLike | None, val_set=None, steps: 
                            stem_stride=stem_stride,
                            uncertain=uncertain, steps=steps, batch_size=batch_size, lr=lr,
                            seed=seed, train_set=str(getattr(train_set, "name", "")), train_size=n)
-    model = build(cfg)
-    tx = make_optimizer(lr, steps, int(round(0.05 * steps)) if warmup is None else warmup,
-                        weight_decay)
+    tx, step = _train_program(_architecture(cfg), steps,
+                              int(round(0.05 * steps)) if warmup is None else warmup,
+                              float(lr), float(weight_decay), mesh)
     replicated, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(init_params(cfg, seed), replicated)
     opt_state = jax.device_put(tx.init(params), replicated)
-
-    def step_fn(params, opt_state, images_BxHxW, codes_BxF):
-        def loss_fn(p):
-            _, logits_BxF = model.apply({"params": p}, preprocess(images_BxHxW, res))
-            return masked_bce(logits_BxF, codes_BxF, uncertain)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    # Params and optimizer state replicated, the batch split over "data": XLA inserts the
-    # gradient all-reduce. Donating the state updates it in place.
-    step = jax.jit(step_fn, out_shardings=(replicated, replicated, replicated),
-                   donate_argnums=(0, 1))
     it = iter(_loader(train_set, batch_size=batch_size, seed=seed, augment=augment))
     log_every = log_every or max(1, steps // 5)
     t0, running = time.time(), []
