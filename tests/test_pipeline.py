@@ -173,6 +173,20 @@ def test_resume_with_orbax(data_dir, tmp_path):
     assert same(take(fresh, 6), ref[4:])
 
 
+def test_read_ahead_is_bounded_by_prefetch(data_dir, monkeypatch):
+    """The loader decodes at most ``prefetch`` batches ahead of the consumer (Grain's default
+    buffered 500 batches, gigabytes at 512²)."""
+    import time
+    decoded = []
+    original = pipeline.DecodeExample.map
+    monkeypatch.setattr(pipeline.DecodeExample, "map",
+                        lambda self, el: decoded.append(1) or original(self, el))
+    it = iter(loader(data_dir, prefetch=2, cond_dropout={}))
+    next(it)
+    time.sleep(0.5)                     # let the read-ahead threads fill what they may
+    assert len(decoded) <= (1 + 2) * 4
+
+
 def test_worker_process_matches_inline(data_dir):
     a = take(iter(loader(data_dir, cond_dropout={"sex": 0.5})), 6)
     it = iter(loader(data_dir, cond_dropout={"sex": 0.5}, worker_count=1))
