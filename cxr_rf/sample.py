@@ -316,6 +316,7 @@ class Sampler:
             raise errors.UserError("seeds must be in [0, 2**32)")
         seeds = seeds.astype(np.uint32)
         n, bs, out = len(seeds), self.batch_size, []
+        pending = None          # (device array, images kept) of the batch dispatched last
         for start in tqdm.tqdm(range(0, n, bs), disable=not progress, unit="batch",
                                desc="sample", dynamic_ncols=True):
             # A short last batch repeats its last image (same shapes, no recompile); the
@@ -325,7 +326,13 @@ class Sampler:
                         jax.device_put(branches[:, idx], self._branch_rows), scales)
             if self._ae is not None:
                 x = self._ae[0](self._ae[1], x)             # latents -> pixels [B, R, R, 1]
-            out.append(np.asarray(jax.device_get(x))[: min(bs, n - start), ..., 0])
+            # Fetch the previous batch only now that this one is queued: the device computes
+            # while the host copies, and at most two batches are held on the device.
+            if pending is not None:
+                out.append(np.asarray(jax.device_get(pending[0]))[: pending[1], ..., 0])
+            pending = (x, min(bs, n - start))
+        if pending is not None:
+            out.append(np.asarray(jax.device_get(pending[0]))[: pending[1], ..., 0])
         r = self.resolution
         return np.concatenate(out) if out else np.zeros((0, r, r), np.float32)
 
