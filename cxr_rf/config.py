@@ -62,6 +62,9 @@ def base() -> ml_collections.ConfigDict:
     m.rope_theta = 10_000.0    # rotary base frequency (pos_embed "rope")
     m.scan = True              # nn.scan over blocks
     m.remat = "none"           # none | full | dots | dots_no_batch | save_attn (see model/layers.py)
+    # auto | xla | matmul | cudnn | splash | blocked (model/attention.py); auto: cudnn on GPU
+    # (bf16/f16), splash on TPU, on CPU blocked from 256 keys on and matmul below (measured).
+    m.attention = "auto"
     m.dtype = "float32"        # compute dtype; params stay in m.param_dtype
     m.param_dtype = "float32"
 

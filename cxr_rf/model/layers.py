@@ -34,6 +34,10 @@ Remat policies (``cfg.model.remat``)
                    the projections are saved, attention scores/AV (batched dots) are recomputed.
     save_attn      save only the named attention outputs (``attn_out``), recompute the rest;
                    avoids re-running the quadratic attention at moderate memory cost.
+The flash-style attentions (``cfg.model.attention`` splash, blocked, cudnn) have custom VJPs
+whose residuals are q, k, v, the output and the logsumexp: the [T, S] probabilities are
+recomputed per tile in the backward, so no policy stores them (with matmul and xla, "none"
+and "dots" keep the float32 [B, N, T, S] logits/probabilities of every block).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from cxr_rf import sharding
+from cxr_rf.model import attention
 
 Dtype = Any
 FREQ_DIM = 256  # width of the sinusoidal timestep features, as in DiT
@@ -171,32 +176,19 @@ def modulate(x_BTD: jax.Array, shift_B1D: jax.Array, scale_B1D: jax.Array) -> ja
 
 
 def joint_attention(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array,
-                    keep_BS: jax.Array | None = None) -> jax.Array:
+                    keep_BS: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
     """One softmax attention of queries over the joint [image; context] keys.
 
     ``keep_BS`` (bool, optional) marks the keys every query may attend to; the others get
     exactly zero weight (report padding). At least one key per example must be kept.
 
-    Logits accumulate and the softmax runs in float32 for any input dtype. On GPU,
-    jax.nn.dot_product_attention may dispatch to cuDNN flash attention. Elsewhere the heads are
-    moved in front before the two batched matmuls: XLA:CPU runs [B,H,T,K]x[B,H,K,S] matmuls
-    about twice as fast as the head-interleaved einsum it otherwise emits (BUILD_NOTES.md).
-    The output is named ``attn_out`` for the "save_attn" remat policy.
+    Logits accumulate and the softmax runs in float32 for any input dtype. ``implementation``
+    (``cfg.model.attention``) picks the kernel per backend: see ``cxr_rf/model/attention.py``.
+    The output is named ``attn_out`` for the "save_attn" remat policy; what the backward then
+    keeps of the attention itself depends on the implementation (blocked, splash and cudnn
+    keep only their output and logsumexp, matmul and xla the [T, S] probabilities).
     """
-    if jax.default_backend() == "gpu":
-        mask = None if keep_BS is None else keep_BS[:, None, None, :]
-        out_BTNK = jax.nn.dot_product_attention(q_BTNK, k_BSNK, v_BSNK, mask=mask,
-                                                implementation=None)
-    else:
-        scale = 1.0 / math.sqrt(q_BTNK.shape[-1])
-        q_BNTK = jnp.swapaxes(q_BTNK, 1, 2)
-        k_BNKS = jnp.transpose(k_BSNK, (0, 2, 3, 1))
-        v_BNSK = jnp.swapaxes(v_BSNK, 1, 2)
-        logits_BNTS = jnp.matmul(q_BNTK, k_BNKS, preferred_element_type=jnp.float32) * scale
-        if keep_BS is not None:
-            logits_BNTS = jnp.where(keep_BS[:, None, None, :], logits_BNTS, -jnp.inf)
-        probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNK.dtype)
-        out_BTNK = jnp.swapaxes(jnp.matmul(probs_BNTS, v_BNSK), 1, 2)
+    out_BTNK = attention.attention(q_BTNK, k_BSNK, v_BSNK, keep_BS, implementation=implementation)
     return checkpoint_name(out_BTNK, ATTN_OUT)
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from cxr_rf import conditioning, errors, sharding
-from cxr_rf.model import layers
+from cxr_rf.model import attention, layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -58,6 +58,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     scan: bool = True            # nn.scan over the depth-1 regular blocks
     remat: str = "none"          # see layers.REMAT_POLICIES
+    attention: str = "auto"      # see attention.IMPLEMENTATIONS (picked per backend by "auto")
     dtype: str = "float32"       # compute dtype
     param_dtype: str = "float32"
     report_len: int = 0          # report bytes in the context (L = NUM_STRUCTURED + report_len)
@@ -85,6 +86,9 @@ class ModelConfig:
             bad(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.remat not in layers.REMAT_POLICIES:
             bad(f"unknown remat policy {self.remat!r}; allowed: {', '.join(layers.REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            bad(f"unknown attention {self.attention!r}; allowed: "
+                f"{', '.join(attention.IMPLEMENTATIONS)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 bad(f"unknown {name} {getattr(self, name)!r}; allowed: {', '.join(DTYPES)}")
@@ -184,7 +188,8 @@ class MMDiTBlock(nn.Module):
         else:
             q_BTNK = jnp.concatenate([qx_BINK, qk(hc_BLD, "ctx", "q")], axis=1)
         o_BTNK = sharding.constrain(
-            layers.joint_attention(sharding.constrain(q_BTNK, seq), k_BSNK, v_BSNK, keep_BS),
+            layers.joint_attention(sharding.constrain(q_BTNK, seq), k_BSNK, v_BSNK, keep_BS,
+                                   implementation=cfg.attention),
             seq)
 
         x_BID = x_BID + gate_msa * layers.out_proj(D, name="x_out", **kw)(o_BTNK[:, :n_img])
