@@ -332,8 +332,14 @@ def _parse_module(hlo: str):
                 comps[current] = []
                 if h.group(1):
                     entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             current = None
+        elif line[:1] not in (" ", "\t") and comps[current]:
+            # A continuation of the instruction above: attributes that hold newlines (the
+            # Pallas/Mosaic kernels' frontend_attributes print a JSON string over several
+            # lines, one of them starting with "}}"). Taking that for the end of the
+            # computation dropped every instruction after a splash kernel.
+            comps[current][-1] += line
         elif line.strip():
             comps[current].append(line)
     return comps, entry, partitions

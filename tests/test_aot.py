@@ -348,6 +348,18 @@ def test_collective_bytes_of_hand_written_hlo():
     assert c["unknown_trip_counts"] == 0
 
 
+def test_an_instruction_over_several_lines_keeps_the_rest_of_its_computation():
+    """A Pallas kernel (splash attention) prints its frontend_attributes over several lines,
+    one starting with "}}": the collectives after it in ENTRY still count."""
+    kernel = ('  %splash = f32[8,10]{1,0} custom-call(%z), custom_call_target="tpu_custom_call", '
+              'frontend_attributes={kernel_metadata={\n'
+              '"xprof_metadata":"{\\"block_q\\": 128}"\n'
+              '}}, metadata={op_name="jit(step)/splash"}\n')
+    hlo = SYNTHETIC_HLO.replace("  %all-reduce.2 = ", kernel + "  %all-reduce.2 = ")
+    assert "\n}}, metadata" in hlo
+    assert aot.collective_bytes(hlo) == aot.collective_bytes(SYNTHETIC_HLO)
+
+
 def test_collective_bytes_unknown_trip_count_counts_once():
     hlo = SYNTHETIC_HLO.replace("direction=LT, metadata", "direction=NE, metadata")
     c = aot.collective_bytes(hlo)
