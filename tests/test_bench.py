@@ -84,7 +84,7 @@ def test_a_failing_peer_is_one_line(tmp_path):
         run()
 
 
-def test_ours_and_the_peer_alternate_and_medians_are_reported():
+def test_ours_and_the_peer_alternate_and_medians_and_bests_are_reported():
     order = []
     ours = iter([1.0, 3.0, 2.0])
     theirs = iter([4.0, 4.0, 1.0])
@@ -92,6 +92,8 @@ def test_ours_and_the_peer_alternate_and_medians_are_reported():
                         lambda: order.append("peer") or next(theirs), rounds=3)
     assert order == ["ours", "peer"] * 3
     assert (r["images_per_s"], r["peer_images_per_s"], r["ratio"]) == (2.0, 4.0, 0.5)
+    assert (r["best_images_per_s"], r["peer_best_images_per_s"], r["best_ratio"]) == (3.0, 4.0,
+                                                                                     0.75)
     assert "ratio" not in bench.alternate(lambda: 1.0, None, rounds=2)
 
 
