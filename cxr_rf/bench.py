@@ -563,7 +563,8 @@ def main(argv):
     print(f"peak memory per device: {r['peak_memory_bytes'] / 2**20:.1f} MiB ({r['memory_source']})")
     keys = ("images_per_s", "images_per_s_per_device", "flops_per_image", "achieved_flops",
             "peak_flops", "mfu", "mesh", "peak_memory_bytes", "rounds_images_per_s",
-            "peer_images_per_s", "peer_rounds_images_per_s", "ratio", "load_avg")
+            "best_images_per_s", "peer_images_per_s", "peer_rounds_images_per_s", "ratio",
+            "peer_best_images_per_s", "best_ratio", "load_avg")
     print(json.dumps({k: r[k] for k in keys if k in r}))
 
 
