@@ -32,6 +32,14 @@ without it, into a temporary directory).
     python -m cxr_rf.bench data --resolution 512 --workers 0,1,2 [--cores 1] [--data_dir DIR] \
         [--consumer cxr_xl@v5p] [--host_cores 208]
 
+``attention``: milliseconds of one joint-attention call, forward and forward+backward (the
+gradient of <out, g> w.r.t. q, k, v), per ``model.attention`` implementation, at the config's
+shape (B = train.batch_size, T = S = image + context tokens, N = heads, K = head dim; a few
+report keys masked per row) or ``--shape B,T,S,N,K``: the minimum over ``--rounds`` of the
+median of ``--steps`` calls, implementations interleaved so load changes hit all alike.
+
+    python -m cxr_rf.bench attention --config experiments/bench.py [--impls matmul,xla,blocked]
+
 ``checkpoint``: what the checkpoint fingerprints cost. The whole TrainState (params, EMA,
 Adam moments, moved off its init so writes are realistic) is saved and restored through plain
 Orbax and through ``cxr_rf.checkpoint`` (fingerprints at save, verification at restore) in a
@@ -449,6 +457,54 @@ def bench_data(cfg, data_dir: str, resolution: int, workers: list[int], batches:
             "host_demand": demand, "host_cores": host_cores, "prefetch": cfg.data.prefetch}
 
 
+def bench_attention(cfg, impls: list[str], shape: tuple[int, ...] | None, reps: int,
+                    rounds: int) -> dict:
+    """Wall milliseconds of each attention implementation, forward and forward+backward."""
+    from cxr_rf.model import attention
+    for name in impls:
+        try:
+            attention.check_name(name)
+        except ValueError as e:
+            raise errors.UserError(f"--impls: {e}") from None
+    m = ModelConfig.from_config(cfg)
+    if shape is None:
+        side = step_lib.grid_size(cfg) // m.patch
+        s = side * side + conditioning.num_tokens(cfg.data.report_len)
+        shape = (cfg.train.batch_size, s, s, m.heads, m.head_dim)
+    b, t, s, n, k = shape
+    dtype = jnp.dtype(m.dtype)
+    rng = np.random.default_rng(0)
+    q, key, v, g = (jnp.asarray(rng.standard_normal(x), dtype)
+                    for x in ((b, t, n, k), (b, s, n, k), (b, s, n, k), (b, t, n, k)))
+    keep = jnp.asarray(np.arange(s)[None] < (s - np.arange(b) % 4 * 5)[:, None])
+    programs = {}
+    for name in impls:
+        def f(q, key, v, name=name):
+            return attention.attention(q, key, v, keep, implementation=name)
+        fwd = jax.jit(f)
+        bwd = jax.jit(jax.grad(lambda q, key, v, f=f: jnp.sum(f(q, key, v).astype(jnp.float32)
+                                                              * g), argnums=(0, 1, 2)))
+        for fn in (fwd, bwd):
+            jax.block_until_ready(fn(q, key, v))            # compile outside the timing
+        programs[name] = (fwd, bwd)
+    ms = {name: ([], []) for name in impls}
+    for _ in range(rounds):
+        for name in impls:
+            for i, fn in enumerate(programs[name]):
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(q, key, v))
+                    times.append(time.perf_counter() - t0)
+                ms[name][i].append(1e3 * statistics.median(times))
+    flops = 4 * b * n * t * s * k                            # QKᵀ and PV, forward
+    rows = {name: {"runs": attention.resolve(name, dtype, k, kv_len=s),
+                   "fwd_ms": min(f), "fwd_bwd_ms": min(fb),
+                   "fwd_gflop_s": flops / min(f) / 1e6} for name, (f, fb) in ms.items()}
+    return {"shape": {"B": b, "T": t, "S": s, "N": n, "K": k}, "dtype": dtype.name,
+            "platform": jax.devices()[0].platform, "impls": rows, "load_avg": load_average()}
+
+
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
     cli.define_config("config", "Experiment file (data: optional, default config.base()).")
@@ -481,6 +537,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("cores", None, "data: pin the benchmark (and its workers) to this "
                          "many CPUs; per-core rates divide by it (default: all it may use).")
     flags.DEFINE_integer("host_cores", 208, f"data: CPU cores of one host ({HOST_CORES_SOURCE}).")
+    flags.DEFINE_list("impls", ["matmul", "xla", "blocked"], "attention: implementations "
+                      "(model.attention names) to time.")
+    flags.DEFINE_list("shape", None, "attention: B,T,S,N,K instead of the config's shape.")
     for name, lo in (("steps", 1), ("warmup", 0), ("rounds", 1), ("batch", 1),
                      ("sample_steps", 1), ("cfg", 0), ("resolution", 1), ("num", 1),
                      ("global_batch", 1), ("chips", 1), ("chips_per_host", 1),
@@ -489,7 +548,7 @@ def _define_flags() -> None:
     cli.check_number("step_s", 0, lo_open=True)
 
 
-BENCHES = ("train", "sample", "data", "checkpoint")
+BENCHES = ("train", "sample", "data", "checkpoint", "attention")
 
 
 def _workers() -> list[int]:
@@ -545,6 +604,19 @@ def main(argv):
     cfg = FLAGS.config
     if bench == "checkpoint":
         print(json.dumps(bench_checkpoint(cfg, FLAGS.steps or 5)))
+        return
+    if bench == "attention":
+        shape = None
+        if FLAGS.shape is not None:
+            try:
+                shape = tuple(int(x) for x in FLAGS.shape)
+            except ValueError:
+                shape = ()
+            if len(shape) != 5 or min(shape) < 1:
+                raise errors.UserError(f"--shape {','.join(FLAGS.shape)}: expected five "
+                                       f"positive integers B,T,S,N,K")
+        print(json.dumps(bench_attention(cfg, list(FLAGS.impls), shape, FLAGS.steps or 10,
+                                         FLAGS.rounds)))
         return
     if bench == "sample":
         r = bench_sample(cfg, FLAGS.steps or 2, 1 if FLAGS.warmup is None else FLAGS.warmup,

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cxr_rf import bench, cli, config, errors
+from cxr_rf import bench, cli, conditioning, config, errors
 from cxr_rf.sample import DEMO_CONDITIONS, Guidance
 
 BENCH_CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "bench.py")
@@ -139,3 +139,20 @@ def cli_config():
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
     return m.get_config()
+
+
+def test_the_attention_bench_times_each_implementation_at_the_model_shape(capsys):
+    cfg = _tiny_cfg()                               # 16 px, patch 4: 16 image + context tokens
+    r = bench.bench_attention(cfg, ["matmul", "auto"], None, reps=1, rounds=1)
+    s = 16 + conditioning.num_tokens(cfg.data.report_len)
+    assert r["shape"] == {"B": cfg.train.batch_size, "T": s, "S": s, "N": 2, "K": 16}
+    assert r["impls"]["auto"]["runs"] == "matmul"   # short sequences on a CPU
+    assert all(v["fwd_ms"] > 0 and v["fwd_bwd_ms"] > 0 for v in r["impls"].values())
+    assert bench.bench_attention(cfg, ["blocked"], (2, 9, 300, 2, 8), 1, 1)["impls"][
+        "blocked"]["runs"] == "blocked"
+    from cxr_rf import bench as module
+    for args, msg in ((["--impls=matmul,flash"], "--impls: unknown attention 'flash'; allowed"),
+                      (["--shape=2,3"], "--shape 2,3: expected five positive integers")):
+        code = cli.call(module, ["attention", f"--config={BENCH_CONFIG}", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and msg in err[0], err
