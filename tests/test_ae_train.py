@@ -16,23 +16,13 @@ from cxr_rf.autoencoder import Autoencoder
 from cxr_rf.autoencoder import step as ae_step
 from cxr_rf.autoencoder import train as ae_train
 
+import tiny  # noqa: E402  (tests/tiny.py, on sys.path via conftest)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "ae_smoke.py")
 
-# The tiny autoencoder run, as config overrides: applied in-process and passed as CLI flags, so
-# both build the same programs (and share the session's compilation cache).
-TINY = {
-    "data.num": 48, "data.resolution": 16, "data.shards": 2,
-    "autoencoder.channels": 8, "autoencoder.channel_mult": (1, 2),
-    "autoencoder.num_res_blocks": 1, "autoencoder.latent_channels": 4,
-    "autoencoder.norm_groups": 4, "autoencoder.mid_attention": False,
-    "ae_disc.width": 8, "ae_disc.layers": 1, "ae_disc.groups": 4,
-    "ae_loss.gan_start": 2, "ae_optim.lr": 1e-3, "ae_optim.disc_lr": 1e-3,
-    "ae_optim.warmup_steps": 0, "ae_optim.ema_decay": 0.9,
-    "train.batch_size": 8, "train.log_every": 1, "train.eval_every": 0,
-    "train.eval_batches": 1, "train.ckpt_every": 2, "train.sample_every": 0,
-    "train.stats_batches": 1, "train.progress": False, "sample.grid": 2,
-}
+# The tiny autoencoder run of tests/tiny.py, its GAN on from step 2.
+TINY = {**tiny.TINY_AE, "ae_loss.gan_start": 2, "ae_optim.lr": 1e-3, "ae_optim.disc_lr": 1e-3}
 
 
 def tiny_ae(data_dir=None, **overrides):

@@ -15,20 +15,12 @@ from cxr_rf.autoencoder import Autoencoder
 from cxr_rf.autoencoder import train as ae_train
 from cxr_rf.data import encode, pipeline, schema
 
+import tiny  # noqa: E402  (tests/tiny.py, on sys.path via conftest)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny autoencoder of tests/test_ae_train.py (f2, 4 latent channels at 16²), 2 steps.
-TINY_AE = {
-    "data.num": 48, "data.resolution": 16, "data.shards": 2,
-    "autoencoder.channels": 8, "autoencoder.channel_mult": (1, 2),
-    "autoencoder.num_res_blocks": 1, "autoencoder.latent_channels": 4,
-    "autoencoder.norm_groups": 4, "autoencoder.mid_attention": False,
-    "ae_disc.width": 8, "ae_disc.layers": 1, "ae_disc.groups": 4,
-    "ae_loss.gan_start": 100, "ae_optim.warmup_steps": 0, "ae_optim.ema_decay": 0.9,
-    "train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.eval_every": 0,
-    "train.eval_batches": 1, "train.ckpt_every": 2, "train.sample_every": 0,
-    "train.stats_batches": 1, "train.progress": False, "sample.grid": 2,
-}
+# The tiny autoencoder of tests/tiny.py, 2 steps, no GAN.
+TINY_AE = {**tiny.TINY_AE, "ae_loss.gan_start": 100, "train.steps": 2}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,22 @@ from cxr_rf import conditioning, config
 PATH = os.path.abspath(__file__)
 
 
+# The tiny latent autoencoder (f2, 4 latent channels at 16²), as dotted overrides of
+# experiments/ae_smoke.py: applied in-process and passed as CLI flags, so both build the same
+# programs. test_ae_train.py and test_latent.py add what their runs differ in.
+TINY_AE = {
+    "data.num": 48, "data.resolution": 16, "data.shards": 2,
+    "autoencoder.channels": 8, "autoencoder.channel_mult": (1, 2),
+    "autoencoder.num_res_blocks": 1, "autoencoder.latent_channels": 4,
+    "autoencoder.norm_groups": 4, "autoencoder.mid_attention": False,
+    "ae_disc.width": 8, "ae_disc.layers": 1, "ae_disc.groups": 4,
+    "ae_optim.warmup_steps": 0, "ae_optim.ema_decay": 0.9,
+    "train.batch_size": 8, "train.log_every": 1, "train.eval_every": 0,
+    "train.eval_batches": 1, "train.ckpt_every": 2, "train.sample_every": 0,
+    "train.stats_batches": 1, "train.progress": False, "sample.grid": 2,
+}
+
+
 def get_config(arg=None):
     c = config.base()
     c.data.update(num=48, resolution=int(arg or 16), shards=2)
