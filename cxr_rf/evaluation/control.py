@@ -159,6 +159,15 @@ def paired_requests(findings: Sequence[str], demos: Sequence[dict], seeds: Seque
     return conds, req_seeds, where
 
 
+def check_num_seed(num, seed, why: str = "") -> tuple[int, int]:
+    """(num, seed) as ints: at least 2 images per group, seeds seed..seed+num-1 in uint32."""
+    num, seed = int(num), int(seed)
+    if num < 2:
+        raise errors.UserError(f"num must be >= 2{why}, got {num}")
+    if seed < 0 or seed + num > 2**32:
+        raise errors.UserError(f"seed + num must be in [0, 2**32], got {seed} + {num}")
+    return num, seed
+
 
 def control(cfg: ml_collections.ConfigDict, model, params, *, num: int = 48,
             steps: int | None = None, cfg_scale: float | None = None, method: str | None = None,
@@ -183,11 +192,7 @@ def control(cfg: ml_collections.ConfigDict, model, params, *, num: int = 48,
     if bad or not findings:
         raise errors.UserError(f"cannot measure {', '.join(map(repr, bad)) or 'no findings'}; "
                                f"measurable findings: {', '.join(SCORES)}")
-    num, seed = int(num), int(seed)
-    if num < 2:
-        raise errors.UserError(f"num must be >= 2 (two groups of num images), got {num}")
-    if seed < 0 or seed + num > 2**32:
-        raise errors.UserError(f"seed + num must be in [0, 2**32], got {seed} + {num}")
+    num, seed = check_num_seed(num, seed, " (two groups of num images)")
     s = cfg.sample
     steps = int(steps or s.steps)
     from cxr_rf import sample   # jax and the model: imported late, so the CLI fails fast

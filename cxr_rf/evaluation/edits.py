@@ -158,11 +158,7 @@ def edits(cfg, sampler, params, *, num: int = 32, seed: int = 0, steps: int | No
         raise errors.UserError(f"cannot evaluate {', '.join(map(repr, bad)) or 'nothing'}; "
                                f"findings: {', '.join(control.SCORES)}; methods: "
                                f"{', '.join(METHODS)}")
-    num, seed = int(num), int(seed)
-    if num < 2:
-        raise errors.UserError(f"num must be >= 2, got {num}")
-    if seed < 0 or seed + num > 2**32:
-        raise errors.UserError(f"seed + num must be in [0, 2**32], got {seed} + {num}")
+    num, seed = control.check_num_seed(num, seed)
     if sampler is None:
         sampler = sample.Sampler(cfg)
     s = cfg.sample
