@@ -424,6 +424,19 @@ def convert_phantom(out_dir: str | os.PathLike, *, num: int, resolution: int, se
 
 # ---------------------------------------------------------------- CLI
 
+def define_output_flags(verb: str, which: str, noun: str) -> None:
+    """The output flags convert and encode share: --overwrite, --no-progress and the
+    distributed pair --shard_range / --publish (checked by ``_check_distributed``)."""
+    from absl import flags
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset (or discard unfinished "
+                         "work of other settings).")
+    flags.DEFINE_boolean("no-progress", False, "No progress bar.")
+    flags.DEFINE_string("shard_range", None, f"A:B: {verb} only shards A..B-1 {which} into "
+                        "OUT/.work (several machines, one shared OUT); publish with --publish.")
+    flags.DEFINE_boolean("publish", False, f"Publish {noun.lower()} whose shards were all "
+                         "written by --shard_range runs (same other arguments).")
+
+
 def _define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect
     free)."""
@@ -447,13 +460,7 @@ def _define_flags() -> None:
                          "Images per shard when --shards is not given.")
     flags.DEFINE_string("salt", DEFAULT_SALT, "Secret salt for hashing patient/study ids.")
     flags.DEFINE_string("name", "cxr", "TFDS dataset name (file prefix).")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset (or discard unfinished "
-                         "work of other settings).")
-    flags.DEFINE_boolean("no-progress", False, "No progress bar.")
-    flags.DEFINE_string("shard_range", None, "A:B: convert only shards A..B-1 of the plan into "
-                        "OUT/.work (several machines, one shared OUT); publish with --publish.")
-    flags.DEFINE_boolean("publish", False, "Publish a conversion whose shards were all written "
-                         "by --shard_range runs (same other arguments).")
+    define_output_flags("convert", "of the plan", "A conversion")
     # The other numbers are checked by convert() itself (_check_args), for library callers too.
     cli.check_number("seed", 0)
 

@@ -340,13 +340,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dtype", "float16", list(schema.LATENT_DTYPES), "Stored latent dtype.")
     flags.DEFINE_boolean("keep_pixels", True, "Keep each record's PNG (evaluate, inspect and "
                          "privacy then read the latent dataset like a pixel one).")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing dataset (or discard "
-                         "unfinished work of other settings).")
-    flags.DEFINE_boolean("no-progress", False, "No progress bar.")
-    flags.DEFINE_string("shard_range", None, "A:B: encode only shards A..B-1 (of all splits, in "
-                        "order) into OUT/.work; publish with --publish.")
-    flags.DEFINE_boolean("publish", False, "Publish an encoding whose shards were all written "
-                         "by --shard_range runs (same other arguments).")
+    convert.define_output_flags("encode", "(of all splits, in order)", "An encoding")
     cli.check_number("batch_size", 1)
     cli.check_number("step", 1)
 
