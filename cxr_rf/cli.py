@@ -28,7 +28,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags
 
-from cxr_rf import errors
+from cxr_rf import errors, hostheap
 
 FLAGS = flags.FLAGS
 # Flags this module defines for a command (define_config) belong to that command: its --help
@@ -280,6 +280,11 @@ def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None] | Non
     (aot: "does not fit"), so that a crash cannot read as that answer.
     """
     quiet_logs()
+    try:
+        # Before anything starts JAX: the heap setting must precede XLA's threads.
+        hostheap.configure()
+    except errors.UserError as e:
+        _fail(e)
     if define_flags is not None:
         define_flags()
     app.run(_guarded(main, crash_status), flags_parser=parse_flags)
