@@ -109,11 +109,13 @@ def model_flops_per_image(cfg: ml_collections.ConfigDict, resolution: int) -> fl
 
 def xla_counted_forward(cfg: ml_collections.ConfigDict, resolution: int) -> float:
     """The analytic forward FLOPs of one image counted as XLA's cost analysis counts them: a
-    scanned stack of (depth-1) blocks is one while loop whose body counts once."""
+    scanned stack of L = depth-1 blocks is one while loop whose body (``scan_unroll`` = u
+    blocks) counts once, plus the L mod u blocks JAX runs outside it."""
     from cxr_rf.model import ModelConfig, flops_per_image
     mcfg = ModelConfig.from_config(cfg)
     if mcfg.scan and mcfg.depth > 2:
-        mcfg = dataclasses.replace(mcfg, depth=2)
+        blocks, unroll = mcfg.depth - 1, min(mcfg.scan_unroll, mcfg.depth - 1)
+        mcfg = dataclasses.replace(mcfg, depth=unroll + blocks % unroll + 1)
     return flops_per_image(mcfg, resolution)
 
 

@@ -109,6 +109,11 @@ def test_model_and_flow_settings_come_from_the_config_in_one_line():
     assert {f.name for f in dataclasses.fields(ModelConfig)} - {"report_len", "vocab_size"} \
         == set(c.model.keys())
     assert {f.name for f in dataclasses.fields(flow.FlowSettings)} == set(c.flow.keys())
+    for key, value in (("scan_unroll", 0), ("depth", 0)):
+        bad = config_lib.base()
+        bad.model[key] = value
+        with pytest.raises(ValueError, match=f"model config: {key} must be >= 1, got 0$"):
+            ModelConfig.from_config(bad)
     c.model.rope_thetta = 1.0
     with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['rope_thetta'\]"):
         ModelConfig.from_config(c)

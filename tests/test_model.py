@@ -106,6 +106,26 @@ def test_scanned_equals_unrolled():
                                _apply(TINY)({"params": noisy}, x, t, tok), rtol=1e-5, atol=1e-5)
 
 
+def test_scan_unroll_keeps_the_parameters_and_the_function():
+    """``scan_unroll`` (all blocks in one trip of the scan) changes the program, not the model:
+    the same scanned parameter tree, the same outputs and the same gradients."""
+    _, noisy = _init(TINY)
+    one_trip = dataclasses.replace(TINY, scan_unroll=TINY.depth - 1)
+    shapes = lambda m: jax.tree.map(lambda a: a.shape, nn.meta.unbox(abstract_params(MMDiT(m),
+                                                                                     RES)))
+    assert shapes(one_trip) == shapes(TINY)
+    x, t, tok = _inputs(TINY)
+
+    def value_and_grad(mcfg):
+        loss = lambda p: jnp.mean(MMDiT(mcfg).apply({"params": p}, x, t, tok) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(noisy)
+
+    (l1, g1), (l2, g2) = value_and_grad(TINY), value_and_grad(one_trip)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g2, g1)
+    assert float(jnp.abs(g1["blocks"]["x_q"]["kernel"]).max()) > 1e-3   # gradients do flow
+
+
 def test_each_row_of_a_batch_is_computed_alone():
     """Row i of a batched forward pass equals row i run alone: nothing (pooling, norms,
     attention) mixes examples. Every row has its own image, t, structured tokens and report,

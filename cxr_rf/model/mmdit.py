@@ -57,6 +57,7 @@ class ModelConfig:
     pos_embed: str = "sincos"    # "sincos" (2D, added) or "rope" (2D axial rotary on q, k)
     rope_theta: float = 10_000.0
     scan: bool = True            # nn.scan over the depth-1 regular blocks
+    scan_unroll: int = 1         # blocks per trip of that scan (lax.scan unroll; >= depth-1: all)
     remat: str = "none"          # see layers.REMAT_POLICIES
     attention: str = "auto"      # see attention.IMPLEMENTATIONS (picked per backend by "auto")
     dtype: str = "float32"       # compute dtype
@@ -67,7 +68,8 @@ class ModelConfig:
     def __post_init__(self):
         def bad(msg):
             raise errors.UserError(f"model config: {msg}")
-        for name in ("patch", "width", "depth", "heads", "in_channels", "vocab_size"):
+        for name in ("patch", "width", "depth", "heads", "in_channels", "vocab_size",
+                     "scan_unroll"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.report_len < 0:
@@ -275,6 +277,7 @@ class MMDiT(nn.Module):
                 blocks = nn.scan(_block_class(cfg, prevent_cse=False),
                                  variable_axes={"params": 0}, split_rngs={"params": True},
                                  in_axes=(nn.broadcast,) * 3, length=cfg.depth - 1,
+                                 unroll=min(cfg.scan_unroll, cfg.depth - 1),
                                  metadata_params={nn.PARTITION_NAME: "layers"})
                 carry, _ = blocks(cfg, name="blocks")(carry, c_BD, rope, keep_BS)
             else:
