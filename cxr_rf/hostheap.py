@@ -7,7 +7,7 @@ kernel zero-fills each 4 KiB page on first touch. On the shared bench shape that
 faults (~0.9 GB) per train step, about a fifth of the step: elementwise fusions ran at a third
 of their speed because they were paying for the kernel's page zeroing. With one arena, mmap
 off and no trimming, the heap keeps what a step freed and the next step reuses it:
-0 faults per step, the same numerics (BUILD_NOTES "What the train step still spends").
+0 faults per step, the same numerics (BUILD_NOTES "Train-step and sampling benchmarks").
 
 When: only where XLA computes on the host CPU, and before JAX starts its CPU client (a thread
 picks its arena at its first malloc, so the setting must precede the threads). ``cli.run``
