@@ -646,4 +646,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, _define_flags)
+    cli.run(main, _define_flags, host_heap=True)

@@ -272,19 +272,25 @@ def _guarded(main: Callable[[list[str]], Any], crash_status: int | None, *,
 
 
 def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None] | None = None, *,
-        crash_status: int | None = None) -> None:
+        crash_status: int | None = None, host_heap: bool = False) -> None:
     """The ``__main__`` of a command: define its flags, parse them, run ``main(argv)``.
 
     ``crash_status``: the exit status of an unexpected exception, whose traceback is printed
     either way; None lets Python exit 1. For a command whose own answer is exit status 1
     (aot: "does not fit"), so that a crash cannot read as that answer.
+
+    ``host_heap``: the command runs a long steady-state loop of compiled steps (train, bench),
+    so where JAX computes on the CPU it keeps freed memory for the next step
+    (``cxr_rf.hostheap``). Other commands keep glibc's defaults: one malloc arena slows XLA's
+    multi-threaded compiler by 10–20%, and compiling is most of a short command.
     """
     quiet_logs()
-    try:
-        # Before anything starts JAX: the heap setting must precede XLA's threads.
-        hostheap.configure()
-    except errors.UserError as e:
-        _fail(e)
+    if host_heap:
+        try:
+            # Before anything starts JAX: the heap setting must precede XLA's threads.
+            hostheap.configure()
+        except errors.UserError as e:
+            _fail(e)
     if define_flags is not None:
         define_flags()
     app.run(_guarded(main, crash_status), flags_parser=parse_flags)

@@ -63,7 +63,7 @@ def base() -> ml_collections.ConfigDict:
     m.scan = True              # nn.scan over blocks
     # Blocks per trip of that scan (>= depth-1: all). Unrolled, the per-block residuals are
     # static slices instead of stacked buffers that are zero-filled, copied and dynamically
-    # sliced every step (~25% of a CPU bench step); the compile grows with it, so the deep
+    # sliced every step (~20% of a CPU bench step); the compile grows with it, so the deep
     # configs keep 1. The parameters keep the scanned layout either way.
     m.scan_unroll = 1
     m.remat = "none"           # none | full | dots | dots_no_batch | save_attn (see model/layers.py)

@@ -9,11 +9,13 @@ of their speed because they were paying for the kernel's page zeroing. With one 
 off and no trimming, the heap keeps what a step freed and the next step reuses it:
 0 faults per step, the same numerics (BUILD_NOTES "Train-step and sampling benchmarks").
 
-When: only where XLA computes on the host CPU, and before JAX starts its CPU client (a thread
-picks its arena at its first malloc, so the setting must precede the threads). ``cli.run``
-calls ``configure`` before a command's ``main``. An accelerator host keeps glibc's defaults:
-there the device allocator holds the big buffers, and one arena would serialise the malloc of
-the host threads that feed the device (input pipeline, checkpoint writers).
+When: only where XLA computes on the host CPU, only in the commands that run a long loop of
+compiled steps (``cli.run(..., host_heap=True)``: train, bench), and before JAX starts its CPU
+client (a thread picks its arena at its first malloc, so the setting must precede the threads).
+The one arena costs XLA's multi-threaded compiler 10-20% (a `sample` of 8 images: 7.0-7.4 s
+against 6.2-6.3 s; the test suite, all compiles: ~15%), so commands that mostly compile keep
+glibc's defaults. An accelerator host keeps them too: there the device allocator holds the big
+buffers, and one arena would serialise the malloc of the host threads that feed the device.
 
 Override with ``CXR_RF_HOST_HEAP=keep`` (always) or ``default`` (never); unset means: keep
 when JAX will compute on the CPU (``JAX_PLATFORMS`` starting with ``cpu``, or unset on a host

@@ -28,13 +28,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # suite, and every process it starts, runs with it as an error.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
-# Like every command (cli.run), the suite's own process keeps freed memory for XLA:CPU's next
-# execution instead of re-faulting fresh pages each time (cxr_rf/hostheap.py); it has to be
-# set before JAX starts its threads.
-from cxr_rf import hostheap  # noqa: E402
-
-hostheap.configure()
-
 import pytest  # noqa: E402
 
 import tiny  # noqa: E402  (tests/tiny.py: the tiny run config)

@@ -535,8 +535,10 @@ def test_fsdp_microbatch_plan_compiles_fits_and_counts_collectives(tmp_path):
 @pytest.mark.slow
 @needs_libtpu
 def test_non_fit_on_a_torus_exits_1_with_the_message(tmp_path):
+    # The rolled scan: 16384 images per chip then need more than the whole HBM (one trip of
+    # the smoke recipe's scan needs less: 90.6 GiB, a fit-rule refusal with another message).
     r = _aot("--config", "experiments/smoke.py", "--topology", "v5p:4x4x4",
-             "--per_device_batch", "16384", tmp_path=tmp_path)
+             "--per_device_batch", "16384", "--config.model.scan_unroll=1", tmp_path=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert "wrap-around xyz" in lines[0], lines[0]

@@ -87,21 +87,24 @@ _COMMAND = """
         import jax
         jax.devices()
         print("heap", hostheap.state())
-    cli.run(main)
+    cli.run(main, host_heap={host_heap})
 """
 
 
-@pytest.mark.parametrize("choice, out", [(None, "heap kept"), ("default", "heap default"),
-                                         ("keep", "heap kept")])
-def test_commands_configure_before_jax(choice, out):
+@pytest.mark.parametrize("host_heap, choice, out", [
+    (True, None, "heap kept"), (True, "default", "heap default"), (True, "keep", "heap kept"),
+    (False, None, "heap default"), (False, "keep", "heap default")])
+def test_commands_configure_before_jax(host_heap, choice, out):
+    """A step-loop command (train, bench: host_heap=True) keeps freed memory on the CPU; the
+    others, which mostly compile, keep glibc's defaults whatever the environment says."""
     env = {} if choice is None else {"CXR_RF_HOST_HEAP": choice}
-    r = _python(_COMMAND, **env)
+    r = _python(_COMMAND.format(host_heap=host_heap), **env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == out
 
 
 def test_command_refuses_bad_choice():
-    r = _python(_COMMAND, CXR_RF_HOST_HEAP="sometimes")
+    r = _python(_COMMAND.format(host_heap=True), CXR_RF_HOST_HEAP="sometimes")
     assert r.returncode == 2
     assert r.stderr.strip() == ("error: CXR_RF_HOST_HEAP='sometimes' is not allowed; use one "
                                 "of keep, default (or leave it unset)")
