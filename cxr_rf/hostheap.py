@@ -17,9 +17,9 @@ against 6.2-6.3 s; the test suite, all compiles: ~15%), so commands that mostly 
 glibc's defaults. An accelerator host keeps them too: there the device allocator holds the big
 buffers, and one arena would serialise the malloc of the host threads that feed the device.
 
-Override with ``CXR_RF_HOST_HEAP=keep`` (always) or ``default`` (never); unset means: keep
-when JAX will compute on the CPU (``JAX_PLATFORMS`` starting with ``cpu``, or unset on a host
-without TPU or GPU device files).
+In those commands ``CXR_RF_HOST_HEAP=keep`` keeps freed memory on any host and ``default``
+never; unset means: keep when JAX will compute on the CPU (``JAX_PLATFORMS`` starting with
+``cpu``, or unset on a host without TPU or GPU device files).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import os
 import platform
 import sys
 from typing import Mapping
+
+from cxr_rf import errors
 
 ENV = "CXR_RF_HOST_HEAP"
 CHOICES = ("keep", "default")
@@ -56,7 +58,6 @@ def wants_keep(environ: Mapping[str, str] | None = None,
     choice = env.get(ENV, "").strip().lower()
     if choice:
         if choice not in CHOICES:
-            from cxr_rf import errors
             raise errors.UserError(f"{ENV}={env[ENV]!r} is not allowed; use one of "
                                    f"{', '.join(CHOICES)} (or leave it unset)")
         return choice == "keep"
