@@ -15,5 +15,5 @@ def get_config(arg=None):
     c = config.foundation(depth=13)
     c.optim.lr = 2e-4
     c.train.update(steps=500_000, stages=((0, 256), (200_000, 512)))
-    c.train.microbatches = 4  # v5p:2x2x2, 512²: 77 GiB of 95 per chip (aot)
+    c.train.microbatches = 4  # v5p:2x2x2, 512²: 47 GiB of 95 per chip (aot, splash); 2: 92 GiB
     return c
