@@ -29,9 +29,9 @@ def _grads(params, scale, seed):
                         params)
 
 
-@pytest.mark.parametrize("max_norm", [1.0, 0.0])
-def test_clipped_adamw_equals_optax_bit_for_bit(max_norm):
-    kw = dict(KW, max_norm=max_norm)
+@pytest.mark.parametrize("max_norm,weight_decay", [(1.0, 0.1), (0.0, 0.1), (1.0, 0.0)])
+def test_clipped_adamw_equals_optax_bit_for_bit(max_norm, weight_decay):
+    kw = dict(KW, max_norm=max_norm, weight_decay=weight_decay)
     ours = optim.clipped_adamw(SCHEDULE, **kw)
     ref = optim.reference(SCHEDULE, **kw)
     params = _params()
